@@ -1,0 +1,380 @@
+//! `WanTransformer3DModel`: the Diffusion Transformer that predicts the flow velocity of a
+//! noisy video latent, conditioned on the text and the timestep.
+//!
+//! latent `[B, C, F, H, W]` → patchify (1×2×2) → tokens `[B, N, D]` with 3D RoPE positions →
+//! blocks (AdaLN-modulated self-attention, cross-attention to the text, FFN) → modulated
+//! output head → unpatchify → velocity `[B, C_out, F, H, W]`.
+//! Norms, modulation, RoPE tables and timestep embeddings run in f32 whatever the weight dtype.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use super::config::WanTransformerConfig;
+use super::keys::{self, Layout};
+use super::rope::{apply_rope, WanRope};
+use crate::nn::attention;
+use crate::nn::norm::{layer_norm, layer_norm_no_affine, rms_norm};
+use crate::weights::TensorStore;
+
+/// Sinusoidal timestep embedding with cos before sin (`Timesteps(flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`): `t`: `[B]` → `[B, dim]` f32.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let ln_max = -(10_000f32.ln());
+    let exponent: Vec<f32> = (0..half).map(|i| (ln_max * i as f32) / half as f32).collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?.exp()?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// Self- or cross-attention with RMS norm of q and k across all heads.
+#[derive(Debug, Clone)]
+struct WanAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    heads: usize,
+    eps: f64,
+}
+
+impl WanAttention {
+    fn load(vb: VarBuilder, dim: usize, heads: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp("to_q"))?,
+            to_k: linear(dim, dim, vb.pp("to_k"))?,
+            to_v: linear(dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            norm_q: vb.get_with_hints_dtype(dim, "norm_q.weight", Default::default(), DType::F32)?,
+            norm_k: vb.get_with_hints_dtype(dim, "norm_k.weight", Default::default(), DType::F32)?,
+            heads,
+            eps,
+        })
+    }
+
+    /// `x`: `[B, N, D]`; `context`: `[B, L, D]` for cross-attention (None: self-attention);
+    /// `rope`: `(cos, sin)` `[N, head_dim/2]` for self-attention.
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let kv_in = context.unwrap_or(x);
+        let l = kv_in.dim(1)?;
+        let hd = d / self.heads;
+        let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
+        let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
+        let v = self.to_v.forward(kv_in)?;
+        let split = |t: Tensor, len: usize| -> Result<Tensor> {
+            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let (mut q, mut k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
+        if let Some((cos, sin)) = rope {
+            q = apply_rope(&q, cos, sin)?;
+            k = apply_rope(&k, cos, sin)?;
+        }
+        let o = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, d))?;
+        self.to_out.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WanBlock {
+    attn1: WanAttention,
+    attn2: WanAttention,
+    /// Affine LayerNorm before cross-attention (`norm2` in diffusers, `norm3` in native files).
+    norm2: Option<(Tensor, Tensor)>,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    /// `[1, 6, D]` f32: shift, scale, gate (self-attn) and c_shift, c_scale, c_gate (FFN).
+    scale_shift_table: Tensor,
+    eps: f64,
+}
+
+impl WanBlock {
+    fn load(vb: VarBuilder, cfg: &WanTransformerConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let norm2 = if cfg.cross_attn_norm {
+            Some((
+                vb.get_with_hints_dtype(d, "norm2.weight", Default::default(), DType::F32)?,
+                vb.get_with_hints_dtype(d, "norm2.bias", Default::default(), DType::F32)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            attn1: WanAttention::load(vb.pp("attn1"), d, cfg.num_attention_heads, cfg.eps)?,
+            attn2: WanAttention::load(vb.pp("attn2"), d, cfg.num_attention_heads, cfg.eps)?,
+            norm2,
+            ffn_in: linear(d, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
+            ffn_out: linear(cfg.ffn_dim, d, vb.pp("ffn.net.2"))?,
+            scale_shift_table: vb.get_with_hints_dtype((1, 6, d), "scale_shift_table", Default::default(), DType::F32)?,
+            eps: cfg.eps,
+        })
+    }
+
+    /// `x`: `[B, N, D]`, `context`: `[B, L, D]`, `temb6`: `[B, 6, D]` f32.
+    fn forward(&self, x: &Tensor, context: &Tensor, temb6: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let e = self.scale_shift_table.broadcast_add(temb6)?;
+        let m = |i: usize| e.narrow(1, i, 1);
+        let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
+        let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
+
+        let xf = x.to_dtype(DType::F32)?;
+        let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
+        let a = self.attn1.forward(&h, None, Some(rope))?;
+        let x = (xf + a.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
+
+        let h = match &self.norm2 {
+            Some((w, b)) => layer_norm(&x.to_dtype(DType::F32)?, w, b, self.eps)?.to_dtype(dtype)?,
+            None => x.clone(),
+        };
+        let x = (&x + self.attn2.forward(&h, Some(context), None)?)?;
+
+        let xf = x.to_dtype(DType::F32)?;
+        let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
+        let f = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
+        (xf + f.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+    }
+}
+
+/// `x·(1 + scale) + shift` with `[B, 1, D]` modulation.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// The Wan2.1 Diffusion Transformer.
+#[derive(Debug, Clone)]
+pub struct WanTransformer3DModel {
+    cfg: WanTransformerConfig,
+    /// Patch embedding as a linear map over flattened `(C, pt, ph, pw)` patches: `[D, C·pt·ph·pw]`.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    time_proj: Linear,
+    text_linear_1: Linear,
+    text_linear_2: Linear,
+    blocks: Vec<WanBlock>,
+    proj_out: Linear,
+    /// `[1, 2, D]` f32: shift and scale of the output head.
+    scale_shift_table: Tensor,
+    rope: WanRope,
+}
+
+impl WanTransformer3DModel {
+    /// Loads from a VarBuilder with diffusers names. Checks the checkpoint has exactly
+    /// `num_layers` blocks when the backend can tell.
+    pub fn load(vb: VarBuilder, cfg: &WanTransformerConfig) -> Result<Self> {
+        cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let d = cfg.inner_dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let patch = cfg.in_channels * pt * ph * pw;
+        if vb.contains_tensor(&format!("blocks.{}.attn1.to_q.weight", cfg.num_layers)) {
+            candle_core::bail!(
+                "the checkpoint has more than the {} transformer blocks its config declares (num_layers): the config.json does not match these weights",
+                cfg.num_layers
+            );
+        }
+        let patch_weight = vb
+            .get((d, cfg.in_channels, pt, ph, pw), "patch_embedding.weight")?
+            .reshape((d, patch))?;
+        let ce = vb.pp("condition_embedder");
+        let f32vb = vb.clone().set_dtype(DType::F32);
+        let cef = f32vb.pp("condition_embedder");
+        let blocks = (0..cfg.num_layers)
+            .map(|i| WanBlock::load(vb.pp(format!("blocks.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_weight,
+            patch_bias: vb.get(d, "patch_embedding.bias")?,
+            time_linear_1: linear(cfg.freq_dim, d, cef.pp("time_embedder.linear_1"))?,
+            time_linear_2: linear(d, d, cef.pp("time_embedder.linear_2"))?,
+            time_proj: linear(d, 6 * d, ce.pp("time_proj"))?,
+            text_linear_1: linear(cfg.text_dim, d, ce.pp("text_embedder.linear_1"))?,
+            text_linear_2: linear(d, d, ce.pp("text_embedder.linear_2"))?,
+            blocks,
+            proj_out: linear(d, cfg.out_channels() * pt * ph * pw, vb.pp("proj_out"))?,
+            scale_shift_table: f32vb.get((1, 2, d), "scale_shift_table")?,
+            rope: WanRope::new(cfg.attention_head_dim),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &WanTransformerConfig {
+        &self.cfg
+    }
+
+    /// The post-patch token grid `(F/pt, H/ph, W/pw)` of a latent `[B, C, F, H, W]`.
+    pub fn token_grid(&self, latent_dims: &[usize]) -> (usize, usize, usize) {
+        let [pt, ph, pw] = self.cfg.patch_size;
+        (latent_dims[2] / pt, latent_dims[3] / ph, latent_dims[4] / pw)
+    }
+
+    /// Embeds the text: UMT5 hidden states `[B, L, text_dim]` → `[B, L, D]`. Independent of
+    /// the timestep, so a sampler computes it once per prompt.
+    pub fn embed_text(&self, context: &Tensor) -> Result<Tensor> {
+        let dtype = self.patch_weight.dtype();
+        let h = self.text_linear_1.forward(&context.to_dtype(dtype)?)?.gelu()?;
+        self.text_linear_2.forward(&h)
+    }
+
+    /// The time embedding: `t` `[B]` (0..1000, float) → (`temb` `[B, D]`, `temb6` `[B, 6, D]`), f32.
+    pub fn embed_time(&self, t: &Tensor) -> Result<(Tensor, Tensor)> {
+        let d = self.cfg.inner_dim();
+        let sin = timestep_embedding(t, self.cfg.freq_dim)?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&sin)?.silu()?)?;
+        let dtype = self.patch_weight.dtype();
+        let temb6 = self
+            .time_proj
+            .forward(&temb.silu()?.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?;
+        let b = temb6.dim(0)?;
+        Ok((temb, temb6.reshape((b, 6, d))?))
+    }
+
+    /// Flattens `[B, C, F, H, W]` into patch tokens `[B, N, C·pt·ph·pw]` in (t, y, x) order.
+    pub fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = x.dims5()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        if f % pt != 0 || h % ph != 0 || w % pw != 0 {
+            candle_core::bail!("latent {f}×{h}×{w} is not divisible by the patch size {pt}×{ph}×{pw}");
+        }
+        let (gf, gh, gw) = (f / pt, h / ph, w / pw);
+        x.reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .reshape((b, gf * gh * gw, c * pt * ph * pw))
+    }
+
+    /// Inverse of the output head's token layout: `[B, N, pt·ph·pw·C]` → `[B, C, F, H, W]`.
+    pub fn unpatchify(&self, tokens: &Tensor, grid: (usize, usize, usize)) -> Result<Tensor> {
+        let (b, _, _) = tokens.dims3()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let c = self.cfg.out_channels();
+        let (gf, gh, gw) = grid;
+        tokens
+            .reshape(vec![b, gf, gh, gw, pt, ph, pw, c])?
+            .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
+            .reshape((b, c, gf * pt, gh * ph, gw * pw))
+    }
+
+    /// Velocity for latent `x` `[B, C, F, H, W]` at timesteps `t` `[B]` given the raw text
+    /// hidden states `context` `[B, L, text_dim]`.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let ctx = self.embed_text(context)?;
+        self.forward_embedded(x, t, &ctx, (0, 0, 0))
+    }
+
+    /// Like [`Self::forward`] with the text already embedded (`[B, L, D]`, from
+    /// [`Self::embed_text`]) and RoPE positions starting at `offset` (for windows).
+    pub fn forward_embedded(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        offset: (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let dtype = self.patch_weight.dtype();
+        let grid = self.token_grid(x.dims());
+        let rope = self.rope.tables(grid, offset, x.device())?;
+        let tokens = self.patchify(&x.to_dtype(dtype)?)?;
+        let mut h = tokens
+            .broadcast_matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        let (temb, temb6) = self.embed_time(t)?;
+        for block in &self.blocks {
+            h = block.forward(&h, ctx, &temb6, &rope)?;
+        }
+        let e = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
+        let (shift, scale) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?);
+        let hf = layer_norm_no_affine(&h.to_dtype(DType::F32)?, self.cfg.eps)?;
+        let h = modulate(&hf, &shift, &scale)?.to_dtype(dtype)?;
+        let out = self.proj_out.forward(&h)?;
+        self.unpatchify(&out, grid)?.to_dtype(DType::F32)
+    }
+}
+
+/// Opens a transformer checkpoint: a diffusers `transformer/` directory (config.json +
+/// safetensors, sharded or not) or a native/Comfy single file. `cfg` overrides the config;
+/// without it a directory's `config.json` is read, and a single file's config is inferred from
+/// its tensor shapes (head dim 128, as in every published Wan2.1 model).
+pub fn load_transformer(
+    path: &Path,
+    cfg: Option<WanTransformerConfig>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(WanTransformer3DModel, WanTransformerConfig)> {
+    let (store, dir_cfg) = if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let c = if cfg.is_none() {
+            Some(crate::weights::read_config::<WanTransformerConfig>(&cfg_path)?)
+        } else {
+            None
+        };
+        (TensorStore::open_dir(path)?, c)
+    } else {
+        (TensorStore::open_file(path)?, None)
+    };
+    let store = match keys::detect_layout(&store) {
+        Some(Layout::Diffusers) => store,
+        Some(Layout::Native) => store.remap(|k| Some(keys::native_to_diffusers(k)))?,
+        None => anyhow::bail!(
+            "{} is not a Wan transformer checkpoint: it has neither `blocks.0.attn1.to_q.weight` (diffusers) nor `blocks.0.self_attn.q.weight` (native/Comfy)",
+            path.display()
+        ),
+    };
+    let cfg = match cfg.or(dir_cfg) {
+        Some(c) => c,
+        None => infer_config(&store)
+            .with_context(|| format!("cannot infer the transformer config of {}", path.display()))?,
+    };
+    let vb = store.into_var_builder(dtype, device);
+    let model = WanTransformer3DModel::load(vb, &cfg)
+        .with_context(|| format!("loading the Wan transformer from {}", path.display()))?;
+    Ok((model, cfg))
+}
+
+/// Infers a config from tensor shapes (diffusers names), assuming head dim 128.
+pub fn infer_config(store: &TensorStore) -> anyhow::Result<WanTransformerConfig> {
+    let shape = |name: &str| {
+        store
+            .shape(name)
+            .ok_or_else(|| anyhow::anyhow!("tensor `{name}` is missing"))
+    };
+    let pe = shape("patch_embedding.weight")?;
+    let ffn = shape("blocks.0.ffn.net.0.proj.weight")?;
+    let text = shape("condition_embedder.text_embedder.linear_1.weight")?;
+    let time = shape("condition_embedder.time_embedder.linear_1.weight")?;
+    let out = shape("proj_out.weight")?;
+    let num_layers = (0..)
+        .take_while(|i| store.contains(&format!("blocks.{i}.attn1.to_q.weight")))
+        .count();
+    let d = pe[0];
+    let head_dim = 128;
+    if d % head_dim != 0 {
+        anyhow::bail!("inner dim {d} is not a multiple of 128: pass the model's config.json");
+    }
+    let patch = [pe[2], pe[3], pe[4]];
+    Ok(WanTransformerConfig {
+        patch_size: patch,
+        num_attention_heads: d / head_dim,
+        attention_head_dim: head_dim,
+        in_channels: pe[1],
+        out_channels: Some(out[0] / (patch[0] * patch[1] * patch[2])),
+        text_dim: text[1],
+        freq_dim: time[1],
+        ffn_dim: ffn[0],
+        num_layers,
+        cross_attn_norm: store.contains("blocks.0.norm2.weight"),
+        ..WanTransformerConfig::t2v_1_3b()
+    })
+}

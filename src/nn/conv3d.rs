@@ -1,0 +1,177 @@
+//! Causal 3D convolution, as `WanCausalConv3d` in diffusers: zero (or cached) padding of
+//! `2 * pad_t` frames in front, none behind, symmetric spatial zero padding.
+//!
+//! candle has no conv3d. A 3D convolution with `kt` temporal taps is one 2D convolution over
+//! `kt * C_in` channels, where the input for output frame `j` is the channel-wise stack of the
+//! `kt` input frames it covers. That gives one large GEMM per chunk of frames instead of `kt`
+//! small ones.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Upper bound on the elements of one conv2d im2col buffer before frames are processed in chunks.
+const IM2COL_BUDGET: usize = 1 << 26;
+
+#[derive(Debug, Clone)]
+pub struct CausalConv3d {
+    /// `[C_out, kt * C_in, kh, kw]`, the temporal taps folded into input channels (tap-major).
+    weight: Tensor,
+    bias: Option<Tensor>,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: (usize, usize, usize),
+    stride: (usize, usize, usize),
+    padding: (usize, usize, usize),
+}
+
+impl CausalConv3d {
+    /// Builds from a PyTorch `Conv3d` weight `[C_out, C_in, kt, kh, kw]` and optional bias `[C_out]`.
+    pub fn from_weights(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        stride: (usize, usize, usize),
+        padding: (usize, usize, usize),
+    ) -> Result<Self> {
+        let (c_out, c_in, kt, kh, kw) = weight.dims5()?;
+        let folded = weight
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((c_out, kt * c_in, kh, kw))?
+            .contiguous()?;
+        Ok(Self {
+            weight: folded,
+            bias,
+            in_channels: c_in,
+            out_channels: c_out,
+            kernel: (kt, kh, kw),
+            stride,
+            padding,
+        })
+    }
+
+    /// Loads `weight` and `bias` from `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize, usize),
+        stride: (usize, usize, usize),
+        padding: (usize, usize, usize),
+    ) -> Result<Self> {
+        let (kt, kh, kw) = kernel;
+        let w = vb.get((out_channels, in_channels, kt, kh, kw), "weight")?;
+        let b = vb.get(out_channels, "bias")?;
+        Self::from_weights(&w, Some(b), stride, padding)
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// Frames of causal padding in front (`2 * pad_t`).
+    pub fn causal_padding(&self) -> usize {
+        2 * self.padding.0
+    }
+
+    /// `x`: `[B, C_in, T, H, W]`; `cache`: the last frames of the previous chunk's input
+    /// `[B, C_in, Tc, H, W]`, used in place of that many zero frames of front padding.
+    /// Returns `[B, C_out, T', H', W']`.
+    pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
+        let mut front = self.causal_padding();
+        let mut x = x.clone();
+        if let Some(c) = cache {
+            if front > 0 {
+                x = Tensor::cat(&[c, &x], 2)?;
+                front = front.saturating_sub(c.dim(2)?);
+            }
+        }
+        if front > 0 {
+            x = x.pad_with_zeros(2, front, 0)?;
+        }
+        let (b, c, t, h, w) = x.dims5()?;
+        let (kt, kh, kw) = self.kernel;
+        let (st, sh, sw) = self.stride;
+        let (_, ph, pw) = self.padding;
+        if sh != sw {
+            candle_core::bail!("causal conv3d: unequal spatial strides ({sh}, {sw}) are not supported");
+        }
+        if t < kt {
+            candle_core::bail!("causal conv3d: {t} frames (after padding) but the kernel spans {kt}");
+        }
+        let t_out = (t - kt) / st + 1;
+        // Spatial padding: candle's conv2d takes one symmetric padding for both axes.
+        let (x, pad2d) = if ph == pw {
+            (x, ph)
+        } else {
+            (
+                x.pad_with_zeros(3, ph, ph)?.pad_with_zeros(4, pw, pw)?,
+                0,
+            )
+        };
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        let h_out = (hp - kh) / sh + 1;
+        let w_out = (wp - kw) / sw + 1;
+        let per_frame = b * h_out * w_out * kt * c * kh * kw;
+        let chunk = (IM2COL_BUDGET / per_frame.max(1)).clamp(1, t_out);
+        let mut outs = Vec::with_capacity(t_out.div_ceil(chunk));
+        let mut j0 = 0;
+        while j0 < t_out {
+            let n = chunk.min(t_out - j0);
+            // Stack the kt taps along channels: [B, kt*C, n, H, W].
+            let mut taps = Vec::with_capacity(kt);
+            for i in 0..kt {
+                let start = j0 * st + i;
+                let frames = if st == 1 {
+                    x.narrow(2, start, n)?
+                } else {
+                    let idx: Vec<u32> = (0..n).map(|j| (start + j * st) as u32).collect();
+                    let idx = Tensor::new(idx.as_slice(), x.device())?;
+                    x.index_select(&idx, 2)?
+                };
+                taps.push(frames);
+            }
+            let stacked = if kt == 1 {
+                taps.pop().expect("one tap")
+            } else {
+                Tensor::cat(&taps, 1)?
+            };
+            let img = stacked
+                .permute((0, 2, 1, 3, 4))?
+                .reshape((b * n, kt * c, x.dim(3)?, x.dim(4)?))?;
+            let y = img.conv2d(&self.weight, pad2d, sh, 1, 1)?;
+            let y = match &self.bias {
+                Some(bias) => y.broadcast_add(&bias.reshape((1, self.out_channels, 1, 1))?)?,
+                None => y,
+            };
+            let y = y
+                .reshape((b, n, self.out_channels, h_out, w_out))?
+                .permute((0, 2, 1, 3, 4))?;
+            outs.push(y);
+            j0 += n;
+        }
+        if outs.len() == 1 {
+            outs.pop().expect("one chunk").contiguous()
+        } else {
+            Tensor::cat(&outs, 2)
+        }
+    }
+}
+
+/// A plain 1×1 or k×k `Conv2d` applied frame by frame to `[B, C, T, H, W]`.
+pub fn conv2d_per_frame(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let (b, c, t, h, w) = x.dims5()?;
+    let y = x
+        .permute((0, 2, 1, 3, 4))?
+        .reshape((b * t, c, h, w))?
+        .apply(conv)?;
+    let (_, c2, h2, w2) = y.dims4()?;
+    y.reshape((b, t, c2, h2, w2))?.permute((0, 2, 1, 3, 4))?.contiguous()
+}
+
+/// SiLU, the activation of every Wan VAE block.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(x)
+}

@@ -1,0 +1,45 @@
+//! Float32 norms of the Wan family and T5. Each upcasts to f32, normalises, and returns the
+//! input dtype, as the reference does with `FP32LayerNorm` and `.float()` calls.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// LayerNorm over the last dim without affine parameters (`FP32LayerNorm(elementwise_affine=False)`).
+pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+}
+
+/// LayerNorm over the last dim with weight and bias, computed in f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, eps)?;
+    y.broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// RMSNorm over the last dim (`torch.nn.RMSNorm`, T5's `T5LayerNorm`): `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// Wan VAE's `WanRMS_norm` on channel-first tensors: L2-normalise over dim 1
+/// (`F.normalize`, eps 1e-12), times `sqrt(C)` and `gamma` (shape `[C, 1, 1(, 1)]`).
+pub fn channel_rms_norm(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let c = x.dim(1)?;
+    let xf = x.to_dtype(DType::F32)?;
+    let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+    (xf.broadcast_div(&norm)? * (c as f64).sqrt())?
+        .broadcast_mul(&gamma.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}

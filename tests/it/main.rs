@@ -1,0 +1,8 @@
+//! The one integration-test binary: parity against committed reference fixtures, loading
+//! errors, and (later) the CLI.
+
+mod common;
+mod conv3d;
+mod dit;
+mod umt5;
+mod vae;
