@@ -5,4 +5,5 @@
 
 pub mod models;
 pub mod nn;
+pub mod sched;
 pub mod weights;

@@ -4,5 +4,6 @@
 mod common;
 mod conv3d;
 mod dit;
+mod sched;
 mod umt5;
 mod vae;
