@@ -5,5 +5,7 @@
 
 pub mod models;
 pub mod nn;
+pub mod pipeline;
 pub mod sched;
+pub mod video;
 pub mod weights;

@@ -193,6 +193,9 @@ def config_a():
     mean, logvar, decoded = run(model, video, latent)
     print(f"A: mean {tuple(mean.shape)} |max| {mean.abs().max():.3f}; decode {tuple(decoded.shape)} "
           f"clamped {100 * clamp_fraction(decoded):.1f}%")
+    sd = contiguous(model.state_dict())
+    native = {diffusers_to_native(k, CONFIG_A["num_res_blocks"]): v for k, v in sd.items()}
+    assert convert_wan_vae_to_diffusers(native).keys() == sd.keys(), "key map differs from diffusers'"
     model.half().save_pretrained(os.path.join(FIX, "wan-tiny", "vae"), safe_serialization=True)
     io = dict(video=video, mean=mean, logvar=logvar, latent=latent, decoded=decoded,
               denormalized=pipeline_denormalize(model, latent),

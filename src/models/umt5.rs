@@ -247,7 +247,9 @@ impl Umt5Encoder {
     pub fn load(vb: VarBuilder, cfg: &Umt5Config) -> Result<Self> {
         let act = cfg.ffn_activation().map_err(candle_core::Error::Msg)?;
         let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
-        let embed_name = if vb.contains_tensor("shared.weight") || !vb.contains_tensor("encoder.embed_tokens.weight") {
+        let embed_name = if vb.contains_tensor("shared.weight")
+            || !vb.contains_tensor("encoder.embed_tokens.weight")
+        {
             "shared.weight"
         } else {
             "encoder.embed_tokens.weight"
@@ -259,7 +261,7 @@ impl Umt5Encoder {
             let blk = enc.pp(format!("block.{i}.layer"));
             let sa = blk.pp("0.SelfAttention");
             let ffn = blk.pp("1.DenseReluDense");
-            let mut wo = linear(&ffn, d, ff, "wo")?;
+            let mut wo = linear(&ffn, d, ff, "wo.weight")?;
             if vb.dtype() == DType::F16 {
                 wo = Linear::new(wo.weight().to_dtype(DType::F32)?, None);
             }
@@ -323,7 +325,11 @@ impl Umt5Encoder {
             _ => input_ids.to_dtype(DType::U32)?.flatten_all()?,
         };
         // The residual stream is f32: transformers' f32 `wo` output promotes it there too.
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, l, d))?.to_dtype(DType::F32)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, l, d))?
+            .to_dtype(DType::F32)?;
         let buckets = self.bucket_indices(l, device)?;
         let mask_bias = match attention_mask {
             Some(m) => {
@@ -332,7 +338,9 @@ impl Umt5Encoder {
             }
             None => None,
         };
-        let heads = |t: Tensor| -> Result<Tensor> { t.reshape((b, l, h, dk))?.transpose(1, 2)?.contiguous() };
+        let heads = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, l, h, dk))?.transpose(1, 2)?.contiguous()
+        };
         for layer in &self.layers {
             // [L·L, H] -> [1, H, L, L]
             let pos = layer
@@ -346,7 +354,8 @@ impl Umt5Encoder {
                 Some(m) => pos.broadcast_add(m)?,
                 None => pos,
             };
-            let n = rms_norm(&x, &layer.attn_norm, self.cfg.layer_norm_epsilon)?.to_dtype(self.dtype)?;
+            let n = rms_norm(&x, &layer.attn_norm, self.cfg.layer_norm_epsilon)?
+                .to_dtype(self.dtype)?;
             let q = heads(layer.q.forward(&n)?)?;
             let k = heads(layer.k.forward(&n)?)?;
             let v = heads(layer.v.forward(&n)?)?;
@@ -355,7 +364,8 @@ impl Umt5Encoder {
                 .reshape((b, l, h * dk))?;
             x = (x + layer.o.forward(&a)?.to_dtype(DType::F32)?)?;
 
-            let n = rms_norm(&x, &layer.ffn_norm, self.cfg.layer_norm_epsilon)?.to_dtype(self.dtype)?;
+            let n =
+                rms_norm(&x, &layer.ffn_norm, self.cfg.layer_norm_epsilon)?.to_dtype(self.dtype)?;
             let gate = layer.wi_0.forward(&n)?;
             let gate = match self.act {
                 FfnActivation::GeluNew => gate.gelu()?,
@@ -368,6 +378,9 @@ impl Umt5Encoder {
         rms_norm(&x, &self.final_norm, self.cfg.layer_norm_epsilon)?.to_dtype(self.dtype)
     }
 }
+
+/// One row of `u32` per text (token ids or attention mask), all the same length.
+pub type TokenRows = Vec<Vec<u32>>;
 
 /// The UMT5 tokenizer (`tokenizer.json`), padded and truncated like transformers'
 /// `tokenizer(texts, padding="max_length", max_length=n, truncation=True)`.
@@ -400,7 +413,10 @@ impl Umt5Tokenizer {
             }
         }
         let pad_id = inner.token_to_id(&pad_token).with_context(|| {
-            format!("tokenizer {} has no pad token {pad_token:?} in its vocabulary", path.display())
+            format!(
+                "tokenizer {} has no pad token {pad_token:?} in its vocabulary",
+                path.display()
+            )
         })?;
         Ok(Self {
             inner,
@@ -417,7 +433,11 @@ impl Umt5Tokenizer {
     /// Token ids and attention masks, each `texts.len()` rows of exactly `max_len`: special
     /// tokens added (`</s>`), truncated on the right keeping the special tokens, right-padded
     /// with the pad id (mask 0).
-    pub fn encode_padded(&self, texts: &[&str], max_len: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    pub fn encode_padded(
+        &self,
+        texts: &[&str],
+        max_len: usize,
+    ) -> anyhow::Result<(TokenRows, TokenRows)> {
         let mut tok = self.inner.clone();
         tok.with_truncation(Some(tokenizers::TruncationParams {
             max_length: max_len,
@@ -425,7 +445,12 @@ impl Umt5Tokenizer {
             stride: 0,
             direction: tokenizers::TruncationDirection::Right,
         }))
-        .map_err(|e| anyhow::anyhow!("tokenizer {}: cannot truncate to {max_len}: {e}", self.path.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "tokenizer {}: cannot truncate to {max_len}: {e}",
+                self.path.display()
+            )
+        })?;
         tok.with_padding(Some(tokenizers::PaddingParams {
             strategy: tokenizers::PaddingStrategy::Fixed(max_len),
             direction: tokenizers::PaddingDirection::Right,
@@ -444,9 +469,17 @@ impl Umt5Tokenizer {
     }
 
     /// [`Self::encode_padded`] as `[B, max_len]` u32 tensors `(input_ids, attention_mask)`.
-    pub fn encode_tensors(&self, texts: &[&str], max_len: usize, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+    pub fn encode_tensors(
+        &self,
+        texts: &[&str],
+        max_len: usize,
+        device: &Device,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
         let (ids, mask) = self.encode_padded(texts, max_len)?;
-        Ok((rows_to_tensor(&ids, device)?, rows_to_tensor(&mask, device)?))
+        Ok((
+            rows_to_tensor(&ids, device)?,
+            rows_to_tensor(&mask, device)?,
+        ))
     }
 }
 

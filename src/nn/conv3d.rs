@@ -96,20 +96,21 @@ impl CausalConv3d {
         let (st, sh, sw) = self.stride;
         let (_, ph, pw) = self.padding;
         if sh != sw {
-            candle_core::bail!("causal conv3d: unequal spatial strides ({sh}, {sw}) are not supported");
+            candle_core::bail!(
+                "causal conv3d: unequal spatial strides ({sh}, {sw}) are not supported"
+            );
         }
         if t < kt {
-            candle_core::bail!("causal conv3d: {t} frames (after padding) but the kernel spans {kt}");
+            candle_core::bail!(
+                "causal conv3d: {t} frames (after padding) but the kernel spans {kt}"
+            );
         }
         let t_out = (t - kt) / st + 1;
         // Spatial padding: candle's conv2d takes one symmetric padding for both axes.
         let (x, pad2d) = if ph == pw {
             (x, ph)
         } else {
-            (
-                x.pad_with_zeros(3, ph, ph)?.pad_with_zeros(4, pw, pw)?,
-                0,
-            )
+            (x.pad_with_zeros(3, ph, ph)?.pad_with_zeros(4, pw, pw)?, 0)
         };
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
         let h_out = (hp - kh) / sh + 1;
@@ -138,9 +139,10 @@ impl CausalConv3d {
             } else {
                 Tensor::cat(&taps, 1)?
             };
-            let img = stacked
-                .permute((0, 2, 1, 3, 4))?
-                .reshape((b * n, kt * c, x.dim(3)?, x.dim(4)?))?;
+            let img =
+                stacked
+                    .permute((0, 2, 1, 3, 4))?
+                    .reshape((b * n, kt * c, x.dim(3)?, x.dim(4)?))?;
             let y = img.conv2d(&self.weight, pad2d, sh, 1, 1)?;
             let y = match &self.bias {
                 Some(bias) => y.broadcast_add(&bias.reshape((1, self.out_channels, 1, 1))?)?,
@@ -168,7 +170,9 @@ pub fn conv2d_per_frame(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> 
         .reshape((b * t, c, h, w))?
         .apply(conv)?;
     let (_, c2, h2, w2) = y.dims4()?;
-    y.reshape((b, t, c2, h2, w2))?.permute((0, 2, 1, 3, 4))?.contiguous()
+    y.reshape((b, t, c2, h2, w2))?
+        .permute((0, 2, 1, 3, 4))?
+        .contiguous()
 }
 
 /// SiLU, the activation of every Wan VAE block.

@@ -4,6 +4,7 @@
 mod common;
 mod conv3d;
 mod dit;
+mod pipeline;
 mod sched;
 mod umt5;
 mod vae;

@@ -259,6 +259,11 @@ impl WanVaeConfig {
         1 << (self.dim_mult.len() - 1)
     }
 
+    /// Number of parameters of the full `AutoencoderKLWan`, from the config alone.
+    pub fn param_count(&self) -> u64 {
+        super::vae::param_count(self)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.is_residual || self.patch_size.is_some() {
             anyhow::bail!("this VAE config is the Wan2.2 kind (is_residual / patch_size set); sora supports the Wan2.1 VAE");

@@ -1,0 +1,206 @@
+//! Text → latent → video orchestration for the Wan family: prompt encoding, seeded noise, the
+//! guided denoising loop, and the streamed VAE decode. Reports progress through [`Observer`]
+//! and hands decoded frames to a caller-supplied sink; it never prints or writes files.
+
+pub mod model;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+pub use model::{ModelDefaults, SoraModelCard, WanModel};
+
+use crate::sched::{self, SamplerKind};
+
+/// One generation, fully resolved (no defaults left to fill in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Generation size on the model's grid (multiples of [`WanModel::spatial_grid`]).
+    pub width: usize,
+    pub height: usize,
+    /// Pixel frames (`1 + 4k` for Wan).
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub shift: f64,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+}
+
+/// Progress events of a generation. The CLI draws bars; tests and `--quiet` ignore them.
+pub trait Observer {
+    /// A stage begins; `total` units of work (steps, frames), 0 if unknown.
+    fn stage(&mut self, _name: &str, _total: u64) {}
+    /// `n` units of the current stage are done.
+    fn advance(&mut self, _n: u64) {}
+    /// The current stage finished after `elapsed`.
+    fn stage_done(&mut self, _name: &str, _elapsed: Duration) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Wall time spent in each stage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+/// The latent shape `[1, C, T', H/8, W/8]` for a request.
+pub fn latent_shape(model: &WanModel, width: usize, height: usize, frames: usize) -> Result<(usize, usize, usize, usize, usize)> {
+    let tf = model.temporal_factor();
+    if frames == 0 || (frames - 1) % tf != 0 {
+        bail!("{frames} frames cannot be generated: this model makes 1 + {tf}·k frames");
+    }
+    let grid = model.spatial_grid();
+    if width % grid != 0 || height % grid != 0 || width == 0 || height == 0 {
+        bail!("{width}×{height} is not on the model's {grid}-pixel grid");
+    }
+    let s = model.vae.config().spatial_factor();
+    Ok((1, model.vae.config().z_dim, (frames - 1) / tf + 1, height / s, width / s))
+}
+
+/// Seeded standard-normal noise, identical on every run, platform and thread count
+/// (ChaCha8 stream, row-major over the shape).
+pub fn seeded_noise(shape: (usize, usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let data: Vec<f32> = rand_distr::StandardNormal.sample_iter(&mut rng).take(n).collect();
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// `prompt_clean` of the Wan pipeline: HTML entities unescaped, whitespace collapsed, trimmed.
+pub fn clean_prompt(text: &str) -> String {
+    let mut s = text.to_string();
+    for _ in 0..2 {
+        s = s
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&#x27;", "'")
+            .replace("&nbsp;", "\u{a0}")
+            .replace("&amp;", "&");
+    }
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Encodes prompts as the Wan pipeline does: UMT5 hidden states of the real tokens, zero rows
+/// after them up to `text_len`. Returns `[B, text_len, d_model]`. The encoder runs only over
+/// the longest prompt's tokens: masked padding cannot change the real tokens' states.
+pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
+    let cleaned: Vec<String> = prompts.iter().map(|p| clean_prompt(p)).collect();
+    let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
+    let text_len = model.defaults.text_len;
+    let (ids, mask) = model.tokenizer.encode_padded(&refs, text_len)?;
+    let lens: Vec<usize> = mask.iter().map(|m| m.iter().filter(|v| **v > 0).count()).collect();
+    let used = lens.iter().copied().max().unwrap_or(0).max(1);
+    let ids: Vec<Vec<u32>> = ids.iter().map(|r| r[..used].to_vec()).collect();
+    let mask: Vec<Vec<u32>> = mask.iter().map(|r| r[..used].to_vec()).collect();
+    let dev = &model.device;
+    let ids_t = crate::models::umt5::rows_to_tensor(&ids, dev)?;
+    let mask_t = crate::models::umt5::rows_to_tensor(&mask, dev)?;
+    let hidden = model.text_encoder.forward(&ids_t, Some(&mask_t))?.to_dtype(DType::F32)?;
+    let mut rows = Vec::with_capacity(prompts.len());
+    for (i, len) in lens.iter().enumerate() {
+        let real = hidden.get(i)?.narrow(0, 0, *len)?;
+        rows.push(real.pad_with_zeros(0, 0, text_len - len)?);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Runs a generation: encodes the prompts, denoises from `init_noise` (or the seeded noise),
+/// and streams decoded video chunks `[3, n, H, W]` in [-1, 1] to `sink` in order.
+pub fn generate(
+    model: &WanModel,
+    req: &GenRequest,
+    init_noise: Option<&Tensor>,
+    obs: &mut dyn Observer,
+    cancel: &dyn Fn() -> bool,
+    sink: &mut dyn FnMut(&Tensor) -> Result<()>,
+) -> Result<Timings> {
+    let mut timings = Timings::default();
+    let shape = latent_shape(model, req.width, req.height, req.frames)?;
+    let guided = req.guidance > 1.0;
+
+    let t0 = Instant::now();
+    obs.stage("encode text", 0);
+    let prompts: Vec<&str> = if guided {
+        vec![&req.prompt, &req.negative_prompt]
+    } else {
+        vec![&req.prompt]
+    };
+    let context = encode_prompts(model, &prompts)?;
+    let ctx = model.transformer.embed_text(&context.to_dtype(model.dtype)?)?;
+    timings.text_encode = t0.elapsed();
+    obs.stage_done("encode text", timings.text_encode);
+
+    let mut latents = match init_noise {
+        Some(n) => {
+            let dims = n.dims();
+            let want = [shape.0, shape.1, shape.2, shape.3, shape.4];
+            if dims != want {
+                bail!("--init-noise tensor `latents` has shape {dims:?} but this request needs {want:?}");
+            }
+            n.to_dtype(DType::F32)?.to_device(&model.device)?
+        }
+        None => seeded_noise(shape, req.seed, &model.device)?,
+    };
+
+    let t1 = Instant::now();
+    let mut sampler = sched::build(req.sampler, &model.scheduler, req.steps, req.shift);
+    let timesteps = sampler.timesteps().to_vec();
+    obs.stage("denoise", timesteps.len() as u64);
+    let batch = if guided { 2 } else { 1 };
+    for t in timesteps {
+        if cancel() {
+            bail!("interrupted");
+        }
+        let x = if guided {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let tt = Tensor::full(t, batch, &model.device)?;
+        let v = model
+            .transformer
+            .forward_embedded(&x, &tt, &ctx, (0, 0, 0))
+            .context("denoising step")?;
+        let v = if guided {
+            let cond = v.narrow(0, 0, 1)?;
+            let uncond = v.narrow(0, 1, 1)?;
+            (&uncond + ((cond - &uncond)? * req.guidance)?)?
+        } else {
+            v
+        };
+        latents = sampler.step(&v, &latents)?;
+        obs.advance(1);
+    }
+    timings.denoise = t1.elapsed();
+    obs.stage_done("denoise", timings.denoise);
+
+    let t2 = Instant::now();
+    let z = model.vae.denormalize_latents(&latents.to_dtype(model.dtype)?)?;
+    obs.stage("decode", req.frames as u64);
+    let mut stream = model.vae.decode_stream(&z)?;
+    while let Some(chunk) = stream.next_chunk()? {
+        if cancel() {
+            bail!("interrupted");
+        }
+        let chunk = chunk.get(0)?;
+        let n = chunk.dim(1)? as u64;
+        sink(&chunk)?;
+        obs.advance(n);
+    }
+    timings.decode = t2.elapsed();
+    obs.stage_done("decode", timings.decode);
+    Ok(timings)
+}
