@@ -6,6 +6,8 @@
 //! [`crate::models::wan::keys`]) that turns their names into canonical ones at open time, so model
 //! code only ever sees one naming scheme.
 
+pub mod hub;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,144 @@
+//! Command-line flags, parsed faithfully; [`super::plan`] turns them into validated jobs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::sched::SamplerKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sora",
+    version,
+    about = "Text-to-video generation on any machine: Wan2.1 in pure Rust",
+    long_about = "sora turns a text prompt into an MP4 video: a UMT5 text encoder, a Diffusion Transformer \
+denoising spacetime patches of a video latent (flow matching, classifier-free guidance) and a causal 3D VAE \
+decoder, all in Rust on candle. With no --model it uses the small model bundled in weights/."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a video (or image) from a prompt, or a batch from a prompt file.
+    #[command(after_help = GEN_EXAMPLES)]
+    Gen(GenArgs),
+}
+
+const GEN_EXAMPLES: &str = "Examples:
+  sora gen --prompt \"a red circle moving right on a black background\" -o circle.mp4
+  sora gen --prompt \"a red kite over a beach\" --res 1920x1080 --secs 60 -o kite.mp4 --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+  sora gen --prompt \"a green square\" --frames 1 -o square.png
+  sora gen --prompts prompts/shapes.txt -o out/ --skip-existing --json
+  cat prompts.jsonl | sora gen --prompts - -o out/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenArgs {
+    /// The text to turn into a video.
+    #[arg(short, long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+
+    /// A batch: a file with one prompt per line (`#` starts a comment) or JSON Lines with
+    /// per-item overrides ({"prompt": …, "seed": …, "res": "WxH", "secs": …, "frames": …,
+    /// "out": …}); `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
+    /// What to steer away from (classifier-free guidance's negative prompt). Default: the model's.
+    #[arg(long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
+
+    /// Output size WIDTHxHEIGHT, any aspect ratio (e.g. 1920x1080, 1080x1920). Default: the model's.
+    #[arg(long, value_name = "WxH")]
+    pub res: Option<String>,
+
+    /// Duration in seconds (frames = secs × fps). Default: the model's native clip length.
+    #[arg(long, conflicts_with = "frames")]
+    pub secs: Option<f64>,
+
+    /// Frames per second of the output. Default: the model's.
+    #[arg(long)]
+    pub fps: Option<u32>,
+
+    /// Exact number of frames (1 + 4k for Wan models; 1 writes an image).
+    #[arg(long)]
+    pub frames: Option<usize>,
+
+    /// Denoising steps. Default: the model's.
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Guidance scale; 1 disables classifier-free guidance (one model pass per step).
+    #[arg(long, value_name = "SCALE")]
+    pub cfg: Option<f64>,
+
+    /// Flow-matching timestep shift. Default: the model's.
+    #[arg(long)]
+    pub shift: Option<f64>,
+
+    /// Sampler. Default: the model's (UniPC for Wan).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
+
+    /// Random seed; the same seed and settings give the same video. Default: random (reported).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Model: a local directory (diffusers layout), a Hugging Face repo id
+    /// (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a bundled model name. Default: the bundled model.
+    #[arg(long, env = "SORA_MODEL")]
+    pub model: Option<String>,
+
+    /// Output file (.mp4, or .png for one frame). For batches, a directory (default: .).
+    #[arg(short, long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+
+    /// Compute device: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Compute dtype. Default: f32 on CPU, bf16 on GPUs.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Never touch the network: models must be local or in the Hugging Face cache.
+    #[arg(long)]
+    pub offline: bool,
+
+    /// In a batch, skip items whose output file already exists.
+    #[arg(long)]
+    pub skip_existing: bool,
+
+    /// Also write a JSON sidecar (out.json) with the prompt, seed, model and settings.
+    #[arg(long)]
+    pub sidecar: bool,
+
+    /// Start from this noise latent (safetensors tensor `latents`, [1, C, T', H', W']) instead of the seeded one.
+    #[arg(long, value_name = "FILE")]
+    pub init_noise: Option<PathBuf>,
+
+    /// Also write every decoded frame as a lossless PNG into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub frames_out: Option<PathBuf>,
+
+    /// No progress bars or summaries: only results (also the case when stdout is not a terminal).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Print one JSON line per item (path, seconds, frames, seed, …) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
