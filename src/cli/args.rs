@@ -62,7 +62,7 @@ pub struct GenArgs {
     pub res: Option<String>,
 
     /// Duration in seconds (frames = secs × fps). Default: the model's native clip length.
-    #[arg(long, conflicts_with = "frames")]
+    #[arg(long, conflicts_with = "frames", allow_negative_numbers = true)]
     pub secs: Option<f64>,
 
     /// Frames per second of the output. Default: the model's.
@@ -78,11 +78,11 @@ pub struct GenArgs {
     pub steps: Option<usize>,
 
     /// Guidance scale; 1 disables classifier-free guidance (one model pass per step).
-    #[arg(long, value_name = "SCALE")]
+    #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
     pub cfg: Option<f64>,
 
     /// Flow-matching timestep shift. Default: the model's.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub shift: Option<f64>,
 
     /// Sampler. Default: the model's (UniPC for Wan).

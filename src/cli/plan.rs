@@ -39,11 +39,22 @@ impl Overrides {
     pub fn merged(&self, item: &Overrides) -> Overrides {
         Overrides {
             prompt: item.prompt.clone().or_else(|| self.prompt.clone()),
-            negative_prompt: item.negative_prompt.clone().or_else(|| self.negative_prompt.clone()),
+            negative_prompt: item
+                .negative_prompt
+                .clone()
+                .or_else(|| self.negative_prompt.clone()),
             res: item.res.clone().or_else(|| self.res.clone()),
-            secs: item.secs.or(if item.frames.is_some() { None } else { self.secs }),
+            secs: item.secs.or(if item.frames.is_some() {
+                None
+            } else {
+                self.secs
+            }),
             fps: item.fps.or(self.fps),
-            frames: item.frames.or(if item.secs.is_some() { None } else { self.frames }),
+            frames: item.frames.or(if item.secs.is_some() {
+                None
+            } else {
+                self.frames
+            }),
             steps: item.steps.or(self.steps),
             cfg: item.cfg.or(self.cfg),
             shift: item.shift.or(self.shift),
@@ -68,10 +79,13 @@ pub struct Item {
 pub fn read_prompt_file(path: &Path) -> Result<Vec<std::result::Result<Item, (usize, String)>>> {
     let mut bytes = Vec::new();
     let name = if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut bytes).context("cannot read prompts from standard input")?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read prompts from standard input")?;
         "standard input".to_string()
     } else {
-        bytes = std::fs::read(path).with_context(|| format!("cannot read prompt file {}", path.display()))?;
+        bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read prompt file {}", path.display()))?;
         path.display().to_string()
     };
     let text = match String::from_utf8(bytes) {
@@ -97,12 +111,20 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<std::result::Result<Item, (us
         .map(|(line, l)| {
             if jsonl {
                 serde_json::from_str::<Overrides>(l)
-                    .map_err(|e| (line, format!("{name} line {line}: not a valid JSON item: {e}")))
+                    .map_err(|e| {
+                        (
+                            line,
+                            format!("{name} line {line}: not a valid JSON item: {e}"),
+                        )
+                    })
                     .and_then(|o| {
                         if o.prompt.as_deref().is_none_or(|p| p.trim().is_empty()) {
                             Err((line, format!("{name} line {line}: item has no \"prompt\"")))
                         } else {
-                            Ok(Item { line: Some(line), overrides: o })
+                            Ok(Item {
+                                line: Some(line),
+                                overrides: o,
+                            })
                         }
                     })
             } else {
@@ -169,7 +191,10 @@ pub fn parse_res(s: &str) -> Result<(usize, usize)> {
         bail!("--res {s:?}: width and height must be at least 1");
     }
     if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
-        bail!("--res {s:?} is too large: at most {MAX_SIDE} pixels a side and {} megapixels", MAX_PIXELS / 1_000_000);
+        bail!(
+            "--res {s:?} is too large: at most {MAX_SIDE} pixels a side and {} megapixels",
+            MAX_PIXELS / 1_000_000
+        );
     }
     Ok((w, h))
 }
@@ -201,7 +226,14 @@ fn round_up(v: usize, m: usize) -> usize {
 
 /// Resolves one item into a job. `batch_dir` is set for batches (outputs named
 /// `NNN-slug.ext` inside it unless the item names its own `out`).
-pub fn resolve_job(rules: &ModelRules, o: &Overrides, index: usize, line: Option<usize>, batch_dir: Option<&Path>, seed: u64) -> Result<Job> {
+pub fn resolve_job(
+    rules: &ModelRules,
+    o: &Overrides,
+    index: usize,
+    line: Option<usize>,
+    batch_dir: Option<&Path>,
+    seed: u64,
+) -> Result<Job> {
     let d = &rules.defaults;
     let prompt = o.prompt.clone().unwrap_or_default();
     if prompt.trim().is_empty() {
@@ -252,7 +284,12 @@ pub fn resolve_job(rules: &ModelRules, o: &Overrides, index: usize, line: Option
         bail!("--shift {shift} must be a positive number");
     }
     let ext_kind = |p: &Path| -> Result<OutputKind> {
-        match p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("png") => Ok(OutputKind::Png),
             Some("mp4") | Some("m4v") | Some("mov") => Ok(OutputKind::Mp4),
             other => bail!(
@@ -262,16 +299,28 @@ pub fn resolve_job(rules: &ModelRules, o: &Overrides, index: usize, line: Option
             ),
         }
     };
-    let default_kind = if write_frames == 1 { OutputKind::Png } else { OutputKind::Mp4 };
+    let default_kind = if write_frames == 1 {
+        OutputKind::Png
+    } else {
+        OutputKind::Mp4
+    };
     let out = match (&o.out, batch_dir) {
         (Some(p), None) => p.clone(),
         (Some(p), Some(dir)) if p.is_relative() => dir.join(p),
         (Some(p), Some(_)) => p.clone(),
         (None, Some(dir)) => {
-            let ext = if default_kind == OutputKind::Png { "png" } else { "mp4" };
+            let ext = if default_kind == OutputKind::Png {
+                "png"
+            } else {
+                "mp4"
+            };
             dir.join(format!("{:03}-{}.{ext}", index + 1, slug(&prompt)))
         }
-        (None, None) => PathBuf::from(if default_kind == OutputKind::Png { "out.png" } else { "out.mp4" }),
+        (None, None) => PathBuf::from(if default_kind == OutputKind::Png {
+            "out.png"
+        } else {
+            "out.mp4"
+        }),
     };
     let kind = ext_kind(&out)?;
     if kind == OutputKind::Png && write_frames != 1 {
@@ -281,7 +330,11 @@ pub fn resolve_job(rules: &ModelRules, o: &Overrides, index: usize, line: Option
         );
     }
     if kind == OutputKind::Mp4 && (width % 2 != 0 || height % 2 != 0) {
-        bail!("--res {width}x{height}: MP4 video needs even width and height (yuv420p); try {}x{}", width + width % 2, height + height % 2);
+        bail!(
+            "--res {width}x{height}: MP4 video needs even width and height (yuv420p); try {}x{}",
+            width + width % 2,
+            height + height % 2
+        );
     }
     let (gw, gh) = (round_up(width, rules.grid), round_up(height, rules.grid));
     Ok(Job {
@@ -289,7 +342,10 @@ pub fn resolve_job(rules: &ModelRules, o: &Overrides, index: usize, line: Option
         line,
         request: GenRequest {
             prompt,
-            negative_prompt: o.negative_prompt.clone().unwrap_or_else(|| d.negative_prompt.clone()),
+            negative_prompt: o
+                .negative_prompt
+                .clone()
+                .unwrap_or_else(|| d.negative_prompt.clone()),
             width: gw,
             height: gh,
             frames: gen_frames,
@@ -331,42 +387,151 @@ mod tests {
 
     #[test]
     fn full_hd_is_generated_on_the_grid_and_cropped() {
-        let j = resolve_job(&rules(), &Overrides { res: Some("1920x1080".into()), ..o("kite") }, 0, None, None, 1).unwrap();
+        let j = resolve_job(
+            &rules(),
+            &Overrides {
+                res: Some("1920x1080".into()),
+                ..o("kite")
+            },
+            0,
+            None,
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!((j.width, j.height), (1920, 1080));
         assert_eq!((j.request.width, j.request.height), (1920, 1088));
         assert_eq!(j.crop, (4, 0));
-        let j = resolve_job(&rules(), &Overrides { res: Some("1080x1920".into()), ..o("kite") }, 0, None, None, 1).unwrap();
-        assert_eq!((j.request.width, j.request.height, j.crop), (1088, 1920, (0, 4)));
+        let j = resolve_job(
+            &rules(),
+            &Overrides {
+                res: Some("1080x1920".into()),
+                ..o("kite")
+            },
+            0,
+            None,
+            None,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            (j.request.width, j.request.height, j.crop),
+            (1088, 1920, (0, 4))
+        );
     }
 
     #[test]
     fn secs_round_up_to_the_frame_rule_and_trim() {
-        let j = resolve_job(&rules(), &Overrides { secs: Some(60.0), fps: Some(16), ..o("kite") }, 0, None, None, 1).unwrap();
+        let j = resolve_job(
+            &rules(),
+            &Overrides {
+                secs: Some(60.0),
+                fps: Some(16),
+                ..o("kite")
+            },
+            0,
+            None,
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!((j.request.frames, j.write_frames), (961, 960));
-        let j = resolve_job(&rules(), &Overrides { secs: Some(2.0), fps: Some(24), ..o("kite") }, 0, None, None, 1).unwrap();
+        let j = resolve_job(
+            &rules(),
+            &Overrides {
+                secs: Some(2.0),
+                fps: Some(24),
+                ..o("kite")
+            },
+            0,
+            None,
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!((j.request.frames, j.write_frames), (49, 48));
     }
 
     #[test]
     fn bad_numbers_are_refused_with_the_flag_named() {
-        let e = |ov: Overrides| format!("{:#}", resolve_job(&rules(), &ov, 0, None, None, 1).unwrap_err());
-        assert!(e(Overrides { frames: Some(10), ..o("x") }).contains("--frames 10 cannot be honoured"));
-        assert!(e(Overrides { frames: Some(10), ..o("x") }).contains("nearest: 9 or 13"));
-        assert!(e(Overrides { secs: Some(0.0), ..o("x") }).contains("--secs 0"));
-        assert!(e(Overrides { secs: Some(-3.0), ..o("x") }).contains("--secs -3"));
-        assert!(e(Overrides { steps: Some(0), ..o("x") }).contains("--steps 0"));
-        assert!(e(Overrides { res: Some("0x480".into()), ..o("x") }).contains("at least 1"));
-        assert!(e(Overrides { res: Some("100000x100000".into()), ..o("x") }).contains("too large"));
-        assert!(e(Overrides { res: Some("big".into()), ..o("x") }).contains("WIDTHxHEIGHT"));
-        assert!(e(Overrides { res: Some("641x480".into()), ..o("x") }).contains("even width and height"));
+        let e = |ov: Overrides| {
+            format!(
+                "{:#}",
+                resolve_job(&rules(), &ov, 0, None, None, 1).unwrap_err()
+            )
+        };
+        assert!(e(Overrides {
+            frames: Some(10),
+            ..o("x")
+        })
+        .contains("--frames 10 cannot be honoured"));
+        assert!(e(Overrides {
+            frames: Some(10),
+            ..o("x")
+        })
+        .contains("nearest: 9 or 13"));
+        assert!(e(Overrides {
+            secs: Some(0.0),
+            ..o("x")
+        })
+        .contains("--secs 0"));
+        assert!(e(Overrides {
+            secs: Some(-3.0),
+            ..o("x")
+        })
+        .contains("--secs -3"));
+        assert!(e(Overrides {
+            steps: Some(0),
+            ..o("x")
+        })
+        .contains("--steps 0"));
+        assert!(e(Overrides {
+            res: Some("0x480".into()),
+            ..o("x")
+        })
+        .contains("at least 1"));
+        assert!(e(Overrides {
+            res: Some("100000x100000".into()),
+            ..o("x")
+        })
+        .contains("too large"));
+        assert!(e(Overrides {
+            res: Some("big".into()),
+            ..o("x")
+        })
+        .contains("WIDTHxHEIGHT"));
+        assert!(e(Overrides {
+            res: Some("641x480".into()),
+            ..o("x")
+        })
+        .contains("even width and height"));
         assert!(e(o("  ")).contains("prompt is empty"));
-        assert!(e(Overrides { out: Some("a.gif".into()), ..o("x") }).contains("extension"));
-        assert!(e(Overrides { out: Some("a.png".into()), ..o("x") }).contains("holds one frame"));
+        assert!(e(Overrides {
+            out: Some("a.gif".into()),
+            ..o("x")
+        })
+        .contains("extension"));
+        assert!(e(Overrides {
+            out: Some("a.png".into()),
+            ..o("x")
+        })
+        .contains("holds one frame"));
     }
 
     #[test]
     fn one_frame_defaults_to_png_and_batches_get_numbered_names() {
-        let j = resolve_job(&rules(), &Overrides { frames: Some(1), ..o("A Red Circle!") }, 4, Some(7), Some(Path::new("out")), 9).unwrap();
+        let j = resolve_job(
+            &rules(),
+            &Overrides {
+                frames: Some(1),
+                ..o("A Red Circle!")
+            },
+            4,
+            Some(7),
+            Some(Path::new("out")),
+            9,
+        )
+        .unwrap();
         assert_eq!(j.kind, OutputKind::Png);
         assert_eq!(j.out, PathBuf::from("out/005-a-red-circle.png"));
         assert_eq!(j.request.seed, 9);
@@ -374,8 +539,15 @@ mod tests {
 
     #[test]
     fn item_overrides_replace_flags_and_frames_replace_secs() {
-        let base = Overrides { secs: Some(3.0), seed: Some(1), ..Default::default() };
-        let m = base.merged(&Overrides { frames: Some(5), ..o("x") });
+        let base = Overrides {
+            secs: Some(3.0),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let m = base.merged(&Overrides {
+            frames: Some(5),
+            ..o("x")
+        });
         assert_eq!((m.frames, m.secs, m.seed), (Some(5), None, Some(1)));
     }
 }

@@ -35,7 +35,10 @@ impl Observer for Bars {
         let bar = if total == 0 {
             let b = ProgressBar::new_spinner();
             b.enable_steady_tick(Duration::from_millis(120));
-            b.set_style(ProgressStyle::with_template("{prefix} {spinner} {msg} {elapsed}").expect("valid template"));
+            b.set_style(
+                ProgressStyle::with_template("{prefix} {spinner} {msg} {elapsed}")
+                    .expect("valid template"),
+            );
             b
         } else {
             let b = ProgressBar::new(total);

@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::args::{DtypeArg, GenArgs};
-use super::plan::{parse_res, read_prompt_file, resolve_job, Item, Job, ModelRules, OutputKind, Overrides};
+use super::plan::{
+    parse_res, read_prompt_file, resolve_job, Item, Job, ModelRules, OutputKind, Overrides,
+};
 use super::progress::Bars;
 use crate::pipeline::{generate, Timings, WanModel};
 use crate::video::{tensor_to_frames, write_png, AtomicOutput, Mp4Writer};
@@ -58,7 +60,9 @@ pub fn bundled_dir() -> Option<PathBuf> {
             candidates.push(dir.join("../../weights"));
         }
     }
-    candidates.into_iter().find(|d| d.join("sora.json").is_file())
+    candidates
+        .into_iter()
+        .find(|d| d.join("sora.json").is_file())
 }
 
 /// Resolves `--model` to a local directory.
@@ -93,14 +97,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     if let Some(rest) = s.strip_prefix("cuda") {
         let ordinal = match rest.strip_prefix(':') {
-            Some(n) => n.parse::<usize>().with_context(|| format!("--device {s}: {n:?} is not a GPU number"))?,
+            Some(n) => n
+                .parse::<usize>()
+                .with_context(|| format!("--device {s}: {n:?} is not a GPU number"))?,
             None if rest.is_empty() => 0,
             None => bail!("unknown device {s:?}: use cpu, cuda, cuda:N or metal"),
         };
         if !cfg!(feature = "cuda") {
             bail!("this sora was built without CUDA support: rebuild with `cargo build --release --features cuda`");
         }
-        return Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"));
+        return Device::new_cuda(ordinal)
+            .with_context(|| format!("cannot open CUDA device {ordinal}"));
     }
     if s == "metal" {
         if !cfg!(feature = "metal") {
@@ -300,7 +307,14 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
         };
         let merged = base.merged(&item.overrides);
         let seed = base_seed.wrapping_add(index as u64);
-        let job = match resolve_job(&rules, &merged, index, item.line, batch_dir.as_deref(), seed) {
+        let job = match resolve_job(
+            &rules,
+            &merged,
+            index,
+            item.line,
+            batch_dir.as_deref(),
+            seed,
+        ) {
             Ok(j) => j,
             Err(e) => {
                 if !batch {
@@ -308,7 +322,11 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
                 }
                 failed += 1;
                 let msg = format!("{e:#}");
-                printer.error(&format!("item {} (line {}): {msg}", index + 1, item.line.unwrap_or(0)));
+                printer.error(&format!(
+                    "item {} (line {}): {msg}",
+                    index + 1,
+                    item.line.unwrap_or(0)
+                ));
                 printer.result(
                     json!({"index": index, "line": item.line, "status": "error", "error": msg}),
                     format!("item {}: error: {msg}", index + 1),
@@ -336,7 +354,11 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
                 rules.temporal, job.request.frames, job.write_frames
             ));
         }
-        let prefix = if total > 1 { format!("[{}/{}]", index + 1, total) } else { String::new() };
+        let prefix = if total > 1 {
+            format!("[{}/{}]", index + 1, total)
+        } else {
+            String::new()
+        };
         let mut bars = Bars::new(bars_visible, prefix);
         let t0 = Instant::now();
         let cancel = || interrupted.load(Ordering::SeqCst);
@@ -387,7 +409,10 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
             }
             Err(e) => {
                 if interrupted.load(Ordering::SeqCst) {
-                    printer.error(&format!("interrupted; {} was not written", job.out.display()));
+                    printer.error(&format!(
+                        "interrupted; {} was not written",
+                        job.out.display()
+                    ));
                     return Ok(EXIT_INTERRUPTED);
                 }
                 failed += 1;
@@ -469,7 +494,8 @@ fn run_job(
             } else {
                 d.clone()
             };
-            std::fs::create_dir_all(&d).with_context(|| format!("cannot create --frames-out {}", d.display()))?;
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create --frames-out {}", d.display()))?;
             Some(d)
         }
         None => None,
@@ -480,9 +506,18 @@ fn run_job(
             let meta = vec![
                 ("title".to_string(), job.request.prompt.clone()),
                 ("comment".to_string(), settings.to_string()),
-                ("encoder".to_string(), format!("sora {}", env!("CARGO_PKG_VERSION"))),
+                (
+                    "encoder".to_string(),
+                    format!("sora {}", env!("CARGO_PKG_VERSION")),
+                ),
             ];
-            Writer::Mp4(Mp4Writer::create(out.tmp_path(), job.width, job.height, job.fps, &meta)?)
+            Writer::Mp4(Mp4Writer::create(
+                out.tmp_path(),
+                job.width,
+                job.height,
+                job.fps,
+                &meta,
+            )?)
         }
         OutputKind::Png => Writer::Png,
     };
@@ -506,7 +541,10 @@ fn run_job(
     };
     let timings = generate(model, &job.request, init_noise, bars, cancel, &mut sink)?;
     if written != job.write_frames {
-        bail!("decoded {written} frames but {} were planned", job.write_frames);
+        bail!(
+            "decoded {written} frames but {} were planned",
+            job.write_frames
+        );
     }
     if let Writer::Mp4(w) = writer {
         w.finish()?;

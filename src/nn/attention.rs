@@ -15,7 +15,13 @@ pub const BLOCK_K: usize = 2048;
 /// `q`: `[B, H, Nq, D]`, `k`/`v`: `[B, H, Nk, D]`, `bias`: additive, broadcastable to
 /// `[B, H, Nq, Nk]` (relative-position bias, padding mask). Returns `[B, H, Nq, D]`.
 /// Softmax statistics are kept in f32 whatever the input dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, h, nq, _) = q.dims4()?;
     let nk = k.dim(2)?;
     if b * h * nq * nk <= DIRECT_LIMIT {

@@ -55,25 +55,43 @@ pub struct Timings {
 }
 
 /// The latent shape `[1, C, T', H/8, W/8]` for a request.
-pub fn latent_shape(model: &WanModel, width: usize, height: usize, frames: usize) -> Result<(usize, usize, usize, usize, usize)> {
+pub fn latent_shape(
+    model: &WanModel,
+    width: usize,
+    height: usize,
+    frames: usize,
+) -> Result<(usize, usize, usize, usize, usize)> {
     let tf = model.temporal_factor();
-    if frames == 0 || (frames - 1) % tf != 0 {
+    if frames == 0 || !(frames - 1).is_multiple_of(tf) {
         bail!("{frames} frames cannot be generated: this model makes 1 + {tf}·k frames");
     }
     let grid = model.spatial_grid();
-    if width % grid != 0 || height % grid != 0 || width == 0 || height == 0 {
+    if !width.is_multiple_of(grid) || !height.is_multiple_of(grid) || width == 0 || height == 0 {
         bail!("{width}×{height} is not on the model's {grid}-pixel grid");
     }
     let s = model.vae.config().spatial_factor();
-    Ok((1, model.vae.config().z_dim, (frames - 1) / tf + 1, height / s, width / s))
+    Ok((
+        1,
+        model.vae.config().z_dim,
+        (frames - 1) / tf + 1,
+        height / s,
+        width / s,
+    ))
 }
 
 /// Seeded standard-normal noise, identical on every run, platform and thread count
 /// (ChaCha8 stream, row-major over the shape).
-pub fn seeded_noise(shape: (usize, usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
+pub fn seeded_noise(
+    shape: (usize, usize, usize, usize, usize),
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
     let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let data: Vec<f32> = rand_distr::StandardNormal.sample_iter(&mut rng).take(n).collect();
+    let data: Vec<f32> = rand_distr::StandardNormal
+        .sample_iter(&mut rng)
+        .take(n)
+        .collect();
     Ok(Tensor::from_vec(data, shape, device)?)
 }
 
@@ -101,14 +119,20 @@ pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
     let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
     let text_len = model.defaults.text_len;
     let (ids, mask) = model.tokenizer.encode_padded(&refs, text_len)?;
-    let lens: Vec<usize> = mask.iter().map(|m| m.iter().filter(|v| **v > 0).count()).collect();
+    let lens: Vec<usize> = mask
+        .iter()
+        .map(|m| m.iter().filter(|v| **v > 0).count())
+        .collect();
     let used = lens.iter().copied().max().unwrap_or(0).max(1);
     let ids: Vec<Vec<u32>> = ids.iter().map(|r| r[..used].to_vec()).collect();
     let mask: Vec<Vec<u32>> = mask.iter().map(|r| r[..used].to_vec()).collect();
     let dev = &model.device;
     let ids_t = crate::models::umt5::rows_to_tensor(&ids, dev)?;
     let mask_t = crate::models::umt5::rows_to_tensor(&mask, dev)?;
-    let hidden = model.text_encoder.forward(&ids_t, Some(&mask_t))?.to_dtype(DType::F32)?;
+    let hidden = model
+        .text_encoder
+        .forward(&ids_t, Some(&mask_t))?
+        .to_dtype(DType::F32)?;
     let mut rows = Vec::with_capacity(prompts.len());
     for (i, len) in lens.iter().enumerate() {
         let real = hidden.get(i)?.narrow(0, 0, *len)?;
@@ -139,7 +163,9 @@ pub fn generate(
         vec![&req.prompt]
     };
     let context = encode_prompts(model, &prompts)?;
-    let ctx = model.transformer.embed_text(&context.to_dtype(model.dtype)?)?;
+    let ctx = model
+        .transformer
+        .embed_text(&context.to_dtype(model.dtype)?)?;
     timings.text_encode = t0.elapsed();
     obs.stage_done("encode text", timings.text_encode);
 
@@ -188,7 +214,9 @@ pub fn generate(
     obs.stage_done("denoise", timings.denoise);
 
     let t2 = Instant::now();
-    let z = model.vae.denormalize_latents(&latents.to_dtype(model.dtype)?)?;
+    let z = model
+        .vae
+        .denormalize_latents(&latents.to_dtype(model.dtype)?)?;
     obs.stage("decode", req.frames as u64);
     let mut stream = model.vae.decode_stream(&z)?;
     while let Some(chunk) = stream.next_chunk()? {

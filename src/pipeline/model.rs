@@ -189,11 +189,18 @@ impl WanModel {
 
     /// The shift to use when none is given: the model card's, else the scheduler config's.
     pub fn default_shift(&self) -> f64 {
-        self.defaults.shift.unwrap_or_else(|| self.scheduler.default_shift())
+        self.defaults
+            .shift
+            .unwrap_or_else(|| self.scheduler.default_shift())
     }
 }
 
-fn check_compatible(dir: &Path, te: &Umt5Config, t: &WanTransformerConfig, v: &WanVaeConfig) -> Result<()> {
+fn check_compatible(
+    dir: &Path,
+    te: &Umt5Config,
+    t: &WanTransformerConfig,
+    v: &WanVaeConfig,
+) -> Result<()> {
     if t.text_dim != te.d_model {
         bail!(
             "{}: the transformer expects text_dim {} but the text encoder's d_model is {}",

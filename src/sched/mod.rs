@@ -118,7 +118,9 @@ impl SchedulerConfig {
     /// Rejects settings this implementation does not reproduce, naming the field.
     pub fn validate(&self) -> anyhow::Result<()> {
         let bad = |field: &str, v: &dyn std::fmt::Debug| {
-            anyhow::bail!("scheduler_config.json: {field} = {v:?} is not supported by sora's flow samplers")
+            anyhow::bail!(
+                "scheduler_config.json: {field} = {v:?} is not supported by sora's flow samplers"
+            )
         };
         if self.prediction_type != "flow_prediction" {
             return bad("prediction_type", &self.prediction_type);
@@ -162,7 +164,12 @@ pub trait Sampler {
 }
 
 /// Builds the sampler of `kind` for `steps` steps with `shift`.
-pub fn build(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, shift: f64) -> Box<dyn Sampler> {
+pub fn build(
+    kind: SamplerKind,
+    cfg: &SchedulerConfig,
+    steps: usize,
+    shift: f64,
+) -> Box<dyn Sampler> {
     match kind {
         SamplerKind::Euler => Box::new(FlowMatchEuler::new(steps, shift, cfg.num_train_timesteps)),
         SamplerKind::Unipc => Box::new(UniPc::new(cfg, steps, shift)),
@@ -183,7 +190,8 @@ impl FlowMatchEuler {
         // __init__: sigmas of the training grid, shifted in f32.
         let shift32 = shift as f32;
         let train_shift = |s: f32| shift32 * s / (1.0 + (shift32 - 1.0) * s);
-        let sigma_max = train_shift(num_train_timesteps as f32 / num_train_timesteps as f32) as f64;
+        // The training grid's first sigma is N/N = 1 exactly.
+        let sigma_max = train_shift(1.0) as f64;
         let sigma_min = train_shift(1.0f32 / num_train_timesteps as f32) as f64;
         // set_timesteps: linspace in f64 over t = σ·N, back to σ, shifted again, rounded to f32.
         let (t0, t1) = (sigma_max * n, sigma_min * n);
@@ -198,7 +206,10 @@ impl FlowMatchEuler {
                 (shift * s / (1.0 + (shift - 1.0) * s)) as f32
             })
             .collect();
-        let timesteps = sigmas.iter().map(|s| s * num_train_timesteps as f32).collect();
+        let timesteps = sigmas
+            .iter()
+            .map(|s| s * num_train_timesteps as f32)
+            .collect();
         sigmas.push(0.0);
         Self {
             sigmas,
@@ -229,7 +240,13 @@ fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     }
     let step = (stop - start) / (num - 1) as f64;
     (0..num)
-        .map(|i| if i == num - 1 { stop } else { start + i as f64 * step })
+        .map(|i| {
+            if i == num - 1 {
+                stop
+            } else {
+                start + i as f64 * step
+            }
+        })
         .collect()
 }
 
@@ -294,7 +311,12 @@ impl UniPc {
 
     /// The coefficient vectors `R` (rows `rks^(i-1)`) and `b` of the UniPC linear system, and
     /// `h_phi_1`, `B_h`. All f32 like the reference.
-    fn coefficients(&self, h: f32, rks: &[f32], order: usize) -> (Vec<Vec<f32>>, Vec<f32>, f32, f32) {
+    fn coefficients(
+        &self,
+        h: f32,
+        rks: &[f32],
+        order: usize,
+    ) -> (Vec<Vec<f32>>, Vec<f32>, f32, f32) {
         let hh = if self.predict_x0 { -h } else { h };
         let h_phi_1 = hh.exp_m1();
         let mut h_phi_k = h_phi_1 / hh - 1.0;
@@ -303,7 +325,11 @@ impl UniPc {
         let mut r = Vec::with_capacity(order);
         let mut b = Vec::with_capacity(order);
         for i in 1..=order {
-            r.push(rks.iter().map(|rk| rk.powi(i as i32 - 1)).collect::<Vec<f32>>());
+            r.push(
+                rks.iter()
+                    .map(|rk| rk.powi(i as i32 - 1))
+                    .collect::<Vec<f32>>(),
+            );
             b.push(h_phi_k * factorial_i / b_h);
             factorial_i *= (i + 1) as f32;
             h_phi_k = h_phi_k / hh - 1.0 / factorial_i;
@@ -318,7 +344,10 @@ impl UniPc {
         let (alpha_t, alpha_s0) = (1.0 - sigma_t, 1.0 - sigma_s0);
         let lambda_s0 = alpha_s0.ln() - sigma_s0.ln();
         let h = (alpha_t.ln() - sigma_t.ln()) - lambda_s0;
-        let m0 = self.model_outputs.last().expect("predictor needs a model output");
+        let m0 = self
+            .model_outputs
+            .last()
+            .expect("predictor needs a model output");
         let mut rks = Vec::new();
         let mut d1s = Vec::new();
         for k in 1..order {
@@ -347,7 +376,11 @@ impl UniPc {
             solve(&sub, &b[..n])
         };
         let pred_res = weighted_sum(&rhos_p, &d1s)?;
-        let c = if self.predict_x0 { alpha_t * b_h } else { sigma_t * b_h };
+        let c = if self.predict_x0 {
+            alpha_t * b_h
+        } else {
+            sigma_t * b_h
+        };
         x_t_ - (pred_res * c as f64)?
     }
 
@@ -358,7 +391,10 @@ impl UniPc {
         let (alpha_t, alpha_s0) = (1.0 - sigma_t, 1.0 - sigma_s0);
         let lambda_s0 = alpha_s0.ln() - sigma_s0.ln();
         let h = (alpha_t.ln() - sigma_t.ln()) - lambda_s0;
-        let m0 = self.model_outputs.last().expect("corrector needs a model output");
+        let m0 = self
+            .model_outputs
+            .last()
+            .expect("corrector needs a model output");
         let mut rks = Vec::new();
         let mut d1s = Vec::new();
         for k in 1..order {
@@ -408,10 +444,11 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
             .max_by(|&x, &y| m[x][col].abs().total_cmp(&m[y][col].abs()))
             .expect("non-empty");
         m.swap(col, piv);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let pivot_row = m[col].clone();
+        for row in m.iter_mut().skip(col + 1) {
+            let f = row[col] / pivot_row[col];
+            for (v, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *v -= f * p;
             }
         }
     }

@@ -17,7 +17,10 @@ pub struct RgbFrame {
 
 /// Converts decoded video `[3, T, H, W]` in [-1, 1] (one batch item) into 8-bit frames:
 /// `round(clamp((x + 1) / 2, 0, 1) · 255)`, cropped to `crop = (top, left, height, width)`.
-pub fn tensor_to_frames(video: &Tensor, crop: Option<(usize, usize, usize, usize)>) -> Result<Vec<RgbFrame>> {
+pub fn tensor_to_frames(
+    video: &Tensor,
+    crop: Option<(usize, usize, usize, usize)>,
+) -> Result<Vec<RgbFrame>> {
     let (c, t, h, w) = video.dims4()?;
     if c != 3 {
         bail!("expected 3 colour channels, got {c}");
@@ -81,8 +84,12 @@ impl AtomicOutput {
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.sora-tmp-{}.{ext}", std::process::id()));
-        std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot write to {}: check permissions or choose another --out", dir.display()))?;
+        std::fs::File::create(&tmp).with_context(|| {
+            format!(
+                "cannot write to {}: check permissions or choose another --out",
+                dir.display()
+            )
+        })?;
         Ok(Self {
             tmp,
             dest: dest.to_path_buf(),
@@ -100,8 +107,13 @@ impl AtomicOutput {
 
     /// Renames the finished temporary file to its destination.
     pub fn commit(mut self) -> Result<PathBuf> {
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("cannot move {} to {}", self.tmp.display(), self.dest.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!(
+                "cannot move {} to {}",
+                self.tmp.display(),
+                self.dest.display()
+            )
+        })?;
         self.committed = true;
         Ok(self.dest.clone())
     }
@@ -147,21 +159,35 @@ fn ff<T>(r: std::result::Result<T, ffmpeg_next::Error>, what: &str, path: &Path)
 
 impl Mp4Writer {
     /// Opens `path` (any extension; the container is MP4) for `width`×`height` at `fps`.
-    pub fn create(path: &Path, width: usize, height: usize, fps: u32, metadata: &[(String, String)]) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        width: usize,
+        height: usize,
+        fps: u32,
+        metadata: &[(String, String)],
+    ) -> Result<Self> {
         use ffmpeg_next::{codec, encoder, format, software, util, Dictionary, Rational};
-        if width % 2 != 0 || height % 2 != 0 {
-            bail!("MP4 (yuv420p) needs even dimensions, got {width}×{height}: choose an even --res");
+        if !width.is_multiple_of(2) || !height.is_multiple_of(2) {
+            bail!(
+                "MP4 (yuv420p) needs even dimensions, got {width}×{height}: choose an even --res"
+            );
         }
         ff(ffmpeg_next::init(), "initialising FFmpeg", path)?;
         util::log::set_level(util::log::Level::Error);
-        let mut octx = ff(format::output_as(path, "mp4"), "creating the MP4 container", path)?;
+        let mut octx = ff(
+            format::output_as(path, "mp4"),
+            "creating the MP4 container",
+            path,
+        )?;
         let global_header = octx.format().flags().contains(format::Flags::GLOBAL_HEADER);
         let codec = encoder::find_by_name("libx264")
             .or_else(|| encoder::find(codec::Id::H264))
             .context("this FFmpeg has no H.264 encoder: install libavcodec with libx264 (Debian: libavcodec-dev)")?;
         let mut ost = ff(octx.add_stream(codec), "adding the video stream", path)?;
         let mut enc = ff(
-            codec::context::Context::new_with_codec(codec).encoder().video(),
+            codec::context::Context::new_with_codec(codec)
+                .encoder()
+                .video(),
             "creating the H.264 encoder",
             path,
         )?;
@@ -188,7 +214,11 @@ impl Mp4Writer {
         octx.set_metadata(meta);
         let mut mux_opts = Dictionary::new();
         mux_opts.set("movflags", "+faststart+use_metadata_tags");
-        ff(octx.write_header_with(mux_opts), "writing the MP4 header", path)?;
+        ff(
+            octx.write_header_with(mux_opts),
+            "writing the MP4 header",
+            path,
+        )?;
         let scaler = ff(
             software::scaling::Context::get(
                 format::Pixel::RGB24,
@@ -224,7 +254,11 @@ impl Mp4Writer {
             // FFmpeg 5.1 leaves the duration 0, which shortens the file by one frame.
             packet.set_duration(1);
             packet.rescale_ts(self.enc_time_base, ost_tb);
-            ff(packet.write_interleaved(&mut self.octx), "writing a packet", &self.path)?;
+            ff(
+                packet.write_interleaved(&mut self.octx),
+                "writing a packet",
+                &self.path,
+            )?;
         }
         Ok(())
     }
@@ -247,14 +281,23 @@ impl Mp4Writer {
         {
             let dst = rgb.data_mut(0);
             for y in 0..self.height {
-                dst[y * stride..y * stride + row].copy_from_slice(&frame.data[y * row..(y + 1) * row]);
+                dst[y * stride..y * stride + row]
+                    .copy_from_slice(&frame.data[y * row..(y + 1) * row]);
             }
         }
         let mut yuv = Video::empty();
-        ff(self.scaler.run(&rgb, &mut yuv), "converting RGB to YUV", &self.path)?;
+        ff(
+            self.scaler.run(&rgb, &mut yuv),
+            "converting RGB to YUV",
+            &self.path,
+        )?;
         yuv.set_pts(Some(self.next_pts));
         self.next_pts += 1;
-        ff(self.encoder.send_frame(&yuv), "encoding a frame", &self.path)?;
+        ff(
+            self.encoder.send_frame(&yuv),
+            "encoding a frame",
+            &self.path,
+        )?;
         self.drain()
     }
 
@@ -262,7 +305,11 @@ impl Mp4Writer {
     pub fn finish(mut self) -> Result<()> {
         ff(self.encoder.send_eof(), "flushing the encoder", &self.path)?;
         self.drain()?;
-        ff(self.octx.write_trailer(), "writing the MP4 trailer", &self.path)?;
+        ff(
+            self.octx.write_trailer(),
+            "writing the MP4 trailer",
+            &self.path,
+        )?;
         Ok(())
     }
 

@@ -13,14 +13,19 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for no network access.
 pub fn offline_from_env() -> bool {
     matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        std::env::var("HF_HUB_OFFLINE")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Ok("1") | Ok("true") | Ok("yes") | Ok("on")
     )
 }
@@ -30,7 +35,10 @@ pub fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !p.starts_with('.')
         })
 }
 
@@ -45,10 +53,18 @@ pub fn cached_snapshot(cache: &Path, repo: &str) -> Option<PathBuf> {
 /// Files of a diffusers Wan repo that sora reads (configs, tokenizer, safetensors).
 fn wanted(path: &str) -> bool {
     let top_level = ["model_index.json"];
-    let dirs = ["scheduler/", "tokenizer/", "text_encoder/", "transformer/", "vae/"];
+    let dirs = [
+        "scheduler/",
+        "tokenizer/",
+        "text_encoder/",
+        "transformer/",
+        "vae/",
+    ];
     top_level.contains(&path)
         || (dirs.iter().any(|d| path.starts_with(d))
-            && (path.ends_with(".json") || path.ends_with(".safetensors") || path.ends_with(".model")))
+            && (path.ends_with(".json")
+                || path.ends_with(".safetensors")
+                || path.ends_with(".model")))
 }
 
 /// Resolves a repo id to a local directory in the diffusers layout, downloading what is
@@ -60,8 +76,12 @@ pub fn resolve(repo: &str, offline: bool, progress: bool) -> Result<PathBuf> {
             return Ok(snap);
         }
         if offline {
-            crate::pipeline::model::check_model_dir(&snap)
-                .with_context(|| format!("the cached copy of {repo} in {} is incomplete and sora is offline", cache.display()))?;
+            crate::pipeline::model::check_model_dir(&snap).with_context(|| {
+                format!(
+                    "the cached copy of {repo} in {} is incomplete and sora is offline",
+                    cache.display()
+                )
+            })?;
         }
     }
     if offline {
@@ -89,10 +109,15 @@ pub fn resolve(repo: &str, offline: bool, progress: bool) -> Result<PathBuf> {
         bail!("{repo} is not a diffusers-layout Wan repository (no transformer/config.json); try the `-Diffusers` variant of the repo");
     }
     for f in &files {
-        r.get(f).with_context(|| format!("downloading {f} from {repo}"))?;
+        r.get(f)
+            .with_context(|| format!("downloading {f} from {repo}"))?;
     }
-    let snap = cached_snapshot(&cache, repo)
-        .with_context(|| format!("downloaded {repo} but found no snapshot in {}", cache.display()))?;
+    let snap = cached_snapshot(&cache, repo).with_context(|| {
+        format!(
+            "downloaded {repo} but found no snapshot in {}",
+            cache.display()
+        )
+    })?;
     crate::pipeline::model::check_model_dir(&snap)?;
     Ok(snap)
 }

@@ -30,7 +30,9 @@ pub enum WeightError {
     Corrupt { path: PathBuf, reason: String },
     #[error("no safetensors weights in {dir}: expected `*.safetensors` files or a `*.safetensors.index.json`")]
     NoWeights { dir: PathBuf },
-    #[error("{index} lists shard `{shard}`, which is missing from {dir}: the download is incomplete")]
+    #[error(
+        "{index} lists shard `{shard}`, which is missing from {dir}: the download is incomplete"
+    )]
     MissingShard {
         index: PathBuf,
         shard: String,
@@ -117,7 +119,9 @@ impl TensorStore {
             let st = open_file(path)?;
             for (name, view) in st.tensors() {
                 match view.dtype() {
-                    safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {}
+                    safetensors::Dtype::F32
+                    | safetensors::Dtype::F16
+                    | safetensors::Dtype::BF16 => {}
                     other => {
                         return Err(WeightError::Dtype {
                             name,
@@ -167,7 +171,10 @@ impl TensorStore {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         names.sort();
-        if let Some(index_name) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
+        if let Some(index_name) = names
+            .iter()
+            .find(|n| n.ends_with(".safetensors.index.json"))
+        {
             let index_path = dir.join(index_name);
             let shards = read_shard_index(&index_path)?;
             let mut paths = Vec::new();
@@ -205,7 +212,10 @@ impl TensorStore {
                 if let Some(prev) = index.get(&canonical) {
                     let prev: &Entry = prev;
                     return Err(WeightError::Duplicate {
-                        name: format!("{canonical} (from `{}` and `{}`)", prev.stored_name, entry.stored_name),
+                        name: format!(
+                            "{canonical} (from `{}` and `{}`)",
+                            prev.stored_name, entry.stored_name
+                        ),
                         first: self.files[prev.file].0.clone(),
                         second: self.files[entry.file].0.clone(),
                     });
@@ -239,10 +249,12 @@ impl TensorStore {
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, WeightError> {
         let e = self.index.get(name).ok_or_else(|| self.missing(name))?;
         let (path, st) = &self.files[e.file];
-        let t = st.load(&e.stored_name, device).map_err(|err| WeightError::Corrupt {
-            path: path.clone(),
-            reason: format!("tensor `{}`: {}", e.stored_name, root_cause(&err)),
-        })?;
+        let t = st
+            .load(&e.stored_name, device)
+            .map_err(|err| WeightError::Corrupt {
+                path: path.clone(),
+                reason: format!("tensor `{}`: {}", e.stored_name, root_cause(&err)),
+            })?;
         t.to_dtype(dtype).map_err(|err| WeightError::Corrupt {
             path: path.clone(),
             reason: format!("tensor `{}`: {}", e.stored_name, root_cause(&err)),
@@ -310,7 +322,8 @@ impl SimpleBackend for TensorStore {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev).map_err(candle_core::Error::wrap)
+        self.load(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -346,6 +359,7 @@ fn read_shard_index(index_path: &Path) -> Result<Vec<String>, WeightError> {
 /// Reads a component's `config.json` into `T`, naming the file on failure.
 pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid config", path.display()))
 }

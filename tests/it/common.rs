@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor};
 
 /// `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Loads every tensor of a fixture file on the CPU.
@@ -66,5 +68,8 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
         .to_scalar::<f32>()
         .unwrap();
     eprintln!("{what}: max abs err {err:.3e} (tol {tol:.0e}, reference max |x| {scale:.3})");
-    assert!(err <= tol, "{what}: max abs err {err:.3e} exceeds {tol:.0e}");
+    assert!(
+        err <= tol,
+        "{what}: max abs err {err:.3e} exceeds {tol:.0e}"
+    );
 }

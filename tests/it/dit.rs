@@ -30,11 +30,24 @@ fn err_text(e: anyhow::Error) -> String {
 #[test]
 fn dit_a_diffusers_layout_matches_reference() {
     let io = load("dit_a_io.safetensors");
-    let (model, cfg) =
-        load_transformer(&fixture("wan-tiny/transformer"), None, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(cfg, WanTransformerConfig::tiny(), "fixture config drifted from ::tiny()");
+    let (model, cfg) = load_transformer(
+        &fixture("wan-tiny/transformer"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg,
+        WanTransformerConfig::tiny(),
+        "fixture config drifted from ::tiny()"
+    );
     let v = model
-        .forward(&get(&io, "latents"), &get(&io, "timestep"), &get(&io, "context"))
+        .forward(
+            &get(&io, "latents"),
+            &get(&io, "timestep"),
+            &get(&io, "context"),
+        )
         .unwrap();
     assert_close("dit A velocity", &v, &get(&io, "velocity"), TOL);
 }
@@ -52,9 +65,18 @@ fn dit_b_native_comfy_layout_matches_reference() {
     )
     .unwrap();
     let v = model
-        .forward(&get(&io, "latents"), &get(&io, "timestep"), &get(&io, "context"))
+        .forward(
+            &get(&io, "latents"),
+            &get(&io, "timestep"),
+            &get(&io, "context"),
+        )
         .unwrap();
-    assert_close("dit B (native, 5×6×10 latent) velocity", &v, &get(&io, "velocity"), TOL);
+    assert_close(
+        "dit B (native, 5×6×10 latent) velocity",
+        &v,
+        &get(&io, "velocity"),
+        TOL,
+    );
 }
 
 #[test]
@@ -64,7 +86,9 @@ fn dit_rope_tables_match_reference() {
         ("dit_b_io.safetensors", 16, (5, 3, 5)),
     ] {
         let io = load(file);
-        let (cos, sin) = WanRope::new(head_dim).tables(grid, (0, 0, 0), &Device::Cpu).unwrap();
+        let (cos, sin) = WanRope::new(head_dim)
+            .tables(grid, (0, 0, 0), &Device::Cpu)
+            .unwrap();
         // The reference repeats each pair's value twice; column 2j is pair j.
         let idx = Tensor::arange_step(0u32, head_dim as u32, 2, &Device::Cpu).unwrap();
         let rc = get(&io, "rope_cos").index_select(&idx, 1).unwrap();
@@ -79,7 +103,12 @@ fn dit_attention_direct_and_blockwise_match_sdpa() {
     let io = load("attention_io.safetensors");
     let (q, k, v, o) = (get(&io, "q"), get(&io, "k"), get(&io, "v"), get(&io, "out"));
     let scale = 1.0 / 4.0;
-    assert_close("attention direct", &attention(&q, &k, &v, scale, None).unwrap(), &o, TOL);
+    assert_close(
+        "attention direct",
+        &attention(&q, &k, &v, scale, None).unwrap(),
+        &o,
+        TOL,
+    );
     // Uneven blocks on both axes exercise the online-softmax rescaling and the ragged tails.
     let b = blockwise(&q, &k, &v, scale, None, 64, 96).unwrap();
     assert_close("attention blockwise 64×96", &b, &o, TOL);
@@ -92,35 +121,64 @@ fn dit_attention_direct_and_blockwise_match_sdpa() {
 
 #[test]
 fn dit_key_layouts_round_trip() {
-    let native = TensorStore::open_file(&fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors")).unwrap();
+    let native =
+        TensorStore::open_file(&fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors")).unwrap();
     let diffusers = TensorStore::open_dir(&fixture("wan-tiny/transformer")).unwrap();
     let native_names = native.names();
     assert!(native_names.iter().all(|k| k.starts_with(COMFY_PREFIX)));
-    let mapped: HashSet<String> = native_names.iter().map(|k| native_to_diffusers(k)).collect();
+    let mapped: HashSet<String> = native_names
+        .iter()
+        .map(|k| native_to_diffusers(k))
+        .collect();
     for k in &native_names {
         let d = native_to_diffusers(k);
-        assert_eq!(format!("{COMFY_PREFIX}{}", diffusers_to_native(&d)), *k, "round trip of {k}");
+        assert_eq!(
+            format!("{COMFY_PREFIX}{}", diffusers_to_native(&d)),
+            *k,
+            "round trip of {k}"
+        );
     }
     // Config A (2 blocks) and B (3 blocks) share the structure: A's names are B's mapped names
     // less block 2.
     let a: HashSet<String> = diffusers.names().into_iter().collect();
-    let b_minus_block2: HashSet<String> = mapped.iter().filter(|k| !k.starts_with("blocks.2.")).cloned().collect();
+    let b_minus_block2: HashSet<String> = mapped
+        .iter()
+        .filter(|k| !k.starts_with("blocks.2."))
+        .cloned()
+        .collect();
     assert_eq!(a, b_minus_block2);
     for k in &a {
-        assert_eq!(native_to_diffusers(&diffusers_to_native(k)), *k, "round trip of {k}");
+        assert_eq!(
+            native_to_diffusers(&diffusers_to_native(k)),
+            *k,
+            "round trip of {k}"
+        );
     }
     // The norm swap: the affine cross-attention norm is norm3 natively, norm2 in diffusers.
-    assert_eq!(native_to_diffusers("blocks.0.norm3.weight"), "blocks.0.norm2.weight");
+    assert_eq!(
+        native_to_diffusers("blocks.0.norm3.weight"),
+        "blocks.0.norm2.weight"
+    );
     assert_eq!(native_to_diffusers("head.modulation"), "scale_shift_table");
-    assert_eq!(native_to_diffusers("blocks.7.modulation"), "blocks.7.scale_shift_table");
+    assert_eq!(
+        native_to_diffusers("blocks.7.modulation"),
+        "blocks.7.scale_shift_table"
+    );
 }
 
 /// Copies the config-A transformer into a temp dir, letting `edit` change its tensors.
-fn edited_copy(name: &str, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) -> std::path::PathBuf {
+fn edited_copy(
+    name: &str,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) -> std::path::PathBuf {
     let dir = temp_dir(name);
     let src = fixture("wan-tiny/transformer");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut t = candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let mut t = candle_core::safetensors::load(
+        src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     dir
@@ -140,7 +198,11 @@ fn dit_missing_tensor_names_tensor_and_file() {
 #[test]
 fn dit_wrong_shape_names_expected_and_actual() {
     let dir = edited_copy("dit-shape", |t| {
-        let w = t["blocks.0.ffn.net.2.weight"].i((.., ..64)).unwrap().contiguous().unwrap();
+        let w = t["blocks.0.ffn.net.2.weight"]
+            .i((.., ..64))
+            .unwrap()
+            .contiguous()
+            .unwrap();
         t.insert("blocks.0.ffn.net.2.weight".into(), w);
     });
     let e = err_text(load_transformer(&dir, None, DType::F32, &Device::Cpu).unwrap_err());
@@ -152,18 +214,35 @@ fn dit_wrong_shape_names_expected_and_actual() {
 fn dit_config_mismatch_is_reported() {
     let dir = temp_dir("dit-config");
     let src = fixture("wan-tiny/transformer");
-    std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     let mut cfg = WanTransformerConfig::tiny();
     cfg.num_layers = 1;
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
     let e = err_text(load_transformer(&dir, None, DType::F32, &Device::Cpu).unwrap_err());
     assert!(e.contains("num_layers") && e.contains("config.json"), "{e}");
 
     cfg = WanTransformerConfig::tiny();
     cfg.ffn_dim = 128;
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
     let e = err_text(load_transformer(&dir, None, DType::F32, &Device::Cpu).unwrap_err());
-    assert!(e.contains("blocks.0.ffn.net.0.proj.weight") && e.contains("[128, 48]") && e.contains("[96, 48]"), "{e}");
+    assert!(
+        e.contains("blocks.0.ffn.net.0.proj.weight")
+            && e.contains("[128, 48]")
+            && e.contains("[96, 48]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -172,15 +251,28 @@ fn dit_truncated_file_is_reported_as_corrupt() {
     let src = fixture("wan-tiny/transformer");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
-    std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let e = err_text(load_transformer(&dir, None, DType::F32, &Device::Cpu).unwrap_err());
-    assert!(e.contains("diffusion_pytorch_model.safetensors") && e.contains("truncated or corrupt"), "{e}");
+    assert!(
+        e.contains("diffusion_pytorch_model.safetensors") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
 }
 
 #[test]
 fn dit_not_a_transformer_is_reported() {
     let e = err_text(
-        load_transformer(&fixture("dit_a_io.safetensors"), None, DType::F32, &Device::Cpu).unwrap_err(),
+        load_transformer(
+            &fixture("dit_a_io.safetensors"),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap_err(),
     );
     assert!(e.contains("not a Wan transformer checkpoint"), "{e}");
 }
@@ -189,7 +281,11 @@ fn dit_not_a_transformer_is_reported() {
 fn dit_weights_in_half_precision_load() {
     // bf16 and f16 files load and compute in f32 close to the f32 result (rounding of weights).
     let io = load("dit_a_io.safetensors");
-    let (x, t, c) = (get(&io, "latents"), get(&io, "timestep"), get(&io, "context"));
+    let (x, t, c) = (
+        get(&io, "latents"),
+        get(&io, "timestep"),
+        get(&io, "context"),
+    );
     let reference = get(&io, "velocity");
     for dt in [DType::BF16, DType::F16] {
         let dir = edited_copy(&format!("dit-{dt:?}"), |m| {
@@ -209,8 +305,16 @@ fn dit_published_sizes_parameter_counts() {
     // Exact counts from instantiating diffusers' WanTransformer3DModel with these configs on
     // the meta device (diffusers 0.42.1).
     for (name, cfg, expected) in [
-        ("Wan2.1-T2V-1.3B", WanTransformerConfig::t2v_1_3b(), 1_418_996_800u64),
-        ("Wan2.1-T2V-14B", WanTransformerConfig::t2v_14b(), 14_288_491_584u64),
+        (
+            "Wan2.1-T2V-1.3B",
+            WanTransformerConfig::t2v_1_3b(),
+            1_418_996_800u64,
+        ),
+        (
+            "Wan2.1-T2V-14B",
+            WanTransformerConfig::t2v_14b(),
+            14_288_491_584u64,
+        ),
     ] {
         let n = cfg.param_count();
         eprintln!(

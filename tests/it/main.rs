@@ -1,6 +1,7 @@
 //! The one integration-test binary: parity against committed reference fixtures, loading
 //! errors, and (later) the CLI.
 
+mod cli;
 mod common;
 mod conv3d;
 mod dit;

@@ -24,7 +24,8 @@ struct Settings {
 
 pub fn settings() -> (GenRequest, Tensor) {
     let s: Settings =
-        serde_json::from_str(&std::fs::read_to_string(fixture("pipeline_prompts.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("pipeline_prompts.json")).unwrap())
+            .unwrap();
     let io = load("pipeline_io.safetensors");
     (
         GenRequest {
@@ -64,20 +65,41 @@ fn pipeline_matches_diffusers_for_both_samplers() {
     let io = load("pipeline_io.safetensors");
     let (base, noise) = settings();
     for (name, sampler) in [("unipc", SamplerKind::Unipc), ("euler", SamplerKind::Euler)] {
-        let req = GenRequest { sampler, ..base.clone() };
+        let req = GenRequest {
+            sampler,
+            ..base.clone()
+        };
         let mut chunks = Vec::new();
         let mut sink = |c: &Tensor| {
             chunks.push(c.clone());
             Ok(())
         };
-        generate(&model, &req, Some(&noise), &mut Silent, &|| false, &mut sink).unwrap();
-        assert_eq!(chunks.iter().map(|c| c.dim(1).unwrap()).collect::<Vec<_>>(), vec![1, 4, 4]);
+        generate(
+            &model,
+            &req,
+            Some(&noise),
+            &mut Silent,
+            &|| false,
+            &mut sink,
+        )
+        .unwrap();
+        assert_eq!(
+            chunks.iter().map(|c| c.dim(1).unwrap()).collect::<Vec<_>>(),
+            vec![1, 4, 4]
+        );
         let video = Tensor::cat(&chunks, 1).unwrap();
         let frames = tensor_to_frames(&video, None).unwrap();
         let ours: Vec<u8> = frames.iter().flat_map(|f| f.data.clone()).collect();
-        let reference: Vec<u8> = get(&io, &format!("{name}_frames")).flatten_all().unwrap().to_vec1().unwrap();
+        let reference: Vec<u8> = get(&io, &format!("{name}_frames"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let (n, max) = frame_diff(&ours, &reference);
-        eprintln!("{name}: {n} of {} 8-bit values differ, by at most {max}", ours.len());
+        eprintln!(
+            "{name}: {n} of {} 8-bit values differ, by at most {max}",
+            ours.len()
+        );
         assert!(max <= 1, "{name}: a value differs by {max} levels");
         assert!(n * 200 <= ours.len(), "{name}: {n} values differ");
     }
@@ -94,5 +116,8 @@ fn pipeline_seeded_noise_is_deterministic() {
     // Standard normal: mean ≈ 0, variance ≈ 1 over 288 samples.
     let mean = va.iter().sum::<f32>() / va.len() as f32;
     let var = va.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / va.len() as f32;
-    assert!(mean.abs() < 0.2 && (var - 1.0).abs() < 0.25, "mean {mean} var {var}");
+    assert!(
+        mean.abs() < 0.2 && (var - 1.0).abs() < 0.25,
+        "mean {mean} var {var}"
+    );
 }

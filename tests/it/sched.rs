@@ -17,14 +17,21 @@ fn sched_euler_and_unipc_match_diffusers() {
         for (name, kind) in [("euler", SamplerKind::Euler), ("unipc", SamplerKind::Unipc)] {
             let mut s = build(kind, &cfg, steps, shift);
             let ref_sigmas: Vec<f32> = get(&io, &format!("{name}_{key}_sigmas")).to_vec1().unwrap();
-            let ref_ts: Vec<f32> = get(&io, &format!("{name}_{key}_timesteps")).to_vec1().unwrap();
+            let ref_ts: Vec<f32> = get(&io, &format!("{name}_{key}_timesteps"))
+                .to_vec1()
+                .unwrap();
             assert_eq!(s.sigmas(), ref_sigmas.as_slice(), "{name} {key} sigmas");
             assert_eq!(s.timesteps(), ref_ts.as_slice(), "{name} {key} timesteps");
             let samples = get(&io, &format!("{name}_{key}_samples"));
             let mut x = x0.clone();
             for i in 0..steps {
                 x = s.step(&vs.i(i).unwrap(), &x).unwrap();
-                assert_close(&format!("{name} {key} step {i}"), &x, &samples.i(i).unwrap(), 1e-5);
+                assert_close(
+                    &format!("{name} {key} step {i}"),
+                    &x,
+                    &samples.i(i).unwrap(),
+                    1e-5,
+                );
             }
         }
     }

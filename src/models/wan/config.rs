@@ -108,17 +108,25 @@ impl WanTransformerConfig {
 
     /// Rejects configs this implementation does not cover, naming the field.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() || self.pos_embed_seq_len.is_some() {
+        if self.image_dim.is_some()
+            || self.added_kv_proj_dim.is_some()
+            || self.pos_embed_seq_len.is_some()
+        {
             anyhow::bail!("image-conditioned Wan transformers (image_dim / added_kv_proj_dim / pos_embed_seq_len set) are not supported: sora runs text-to-video checkpoints");
         }
         match self.qk_norm.as_deref() {
             Some("rms_norm_across_heads") => {}
-            other => anyhow::bail!("qk_norm {other:?} is not supported (expected \"rms_norm_across_heads\")"),
+            other => anyhow::bail!(
+                "qk_norm {other:?} is not supported (expected \"rms_norm_across_heads\")"
+            ),
         }
-        if self.attention_head_dim % 2 != 0 || self.attention_head_dim < 6 {
-            anyhow::bail!("attention_head_dim {} must be even and at least 6 for the 3D RoPE split", self.attention_head_dim);
+        if !self.attention_head_dim.is_multiple_of(2) || self.attention_head_dim < 6 {
+            anyhow::bail!(
+                "attention_head_dim {} must be even and at least 6 for the 3D RoPE split",
+                self.attention_head_dim
+            );
         }
-        if self.freq_dim % 2 != 0 {
+        if !self.freq_dim.is_multiple_of(2) {
             anyhow::bail!("freq_dim {} must be even", self.freq_dim);
         }
         Ok(())
@@ -147,8 +155,8 @@ impl WanTransformerConfig {
 
 fn default_latents_mean() -> Vec<f64> {
     vec![
-        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-        -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+        0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
     ]
 }
 fn default_latents_std() -> Vec<f64> {
@@ -269,7 +277,10 @@ impl WanVaeConfig {
             anyhow::bail!("this VAE config is the Wan2.2 kind (is_residual / patch_size set); sora supports the Wan2.1 VAE");
         }
         if !self.attn_scales.is_empty() {
-            anyhow::bail!("attn_scales {:?} is not supported (the Wan2.1 VAE has none)", self.attn_scales);
+            anyhow::bail!(
+                "attn_scales {:?} is not supported (the Wan2.1 VAE has none)",
+                self.attn_scales
+            );
         }
         if self.temperal_downsample.len() + 1 != self.dim_mult.len() {
             anyhow::bail!(

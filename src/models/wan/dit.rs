@@ -24,7 +24,9 @@ use crate::weights::TensorStore;
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let ln_max = -(10_000f32.ln());
-    let exponent: Vec<f32> = (0..half).map(|i| (ln_max * i as f32) / half as f32).collect();
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| (ln_max * i as f32) / half as f32)
+        .collect();
     let freqs = Tensor::from_vec(exponent, (1, half), t.device())?.exp()?;
     let args = t
         .to_dtype(DType::F32)?
@@ -53,8 +55,18 @@ impl WanAttention {
             to_k: linear(dim, dim, vb.pp("to_k"))?,
             to_v: linear(dim, dim, vb.pp("to_v"))?,
             to_out: linear(dim, dim, vb.pp("to_out.0"))?,
-            norm_q: vb.get_with_hints_dtype(dim, "norm_q.weight", Default::default(), DType::F32)?,
-            norm_k: vb.get_with_hints_dtype(dim, "norm_k.weight", Default::default(), DType::F32)?,
+            norm_q: vb.get_with_hints_dtype(
+                dim,
+                "norm_q.weight",
+                Default::default(),
+                DType::F32,
+            )?,
+            norm_k: vb.get_with_hints_dtype(
+                dim,
+                "norm_k.weight",
+                Default::default(),
+                DType::F32,
+            )?,
             heads,
             eps,
         })
@@ -62,7 +74,12 @@ impl WanAttention {
 
     /// `x`: `[B, N, D]`; `context`: `[B, L, D]` for cross-attention (None: self-attention);
     /// `rope`: `(cos, sin)` `[N, head_dim/2]` for self-attention.
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let kv_in = context.unwrap_or(x);
         let l = kv_in.dim(1)?;
@@ -71,7 +88,9 @@ impl WanAttention {
         let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
         let v = self.to_v.forward(kv_in)?;
         let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let (mut q, mut k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
         if let Some((cos, sin)) = rope {
@@ -114,13 +133,24 @@ impl WanBlock {
             norm2,
             ffn_in: linear(d, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
             ffn_out: linear(cfg.ffn_dim, d, vb.pp("ffn.net.2"))?,
-            scale_shift_table: vb.get_with_hints_dtype((1, 6, d), "scale_shift_table", Default::default(), DType::F32)?,
+            scale_shift_table: vb.get_with_hints_dtype(
+                (1, 6, d),
+                "scale_shift_table",
+                Default::default(),
+                DType::F32,
+            )?,
             eps: cfg.eps,
         })
     }
 
     /// `x`: `[B, N, D]`, `context`: `[B, L, D]`, `temb6`: `[B, 6, D]` f32.
-    fn forward(&self, x: &Tensor, context: &Tensor, temb6: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        temb6: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let e = self.scale_shift_table.broadcast_add(temb6)?;
         let m = |i: usize| e.narrow(1, i, 1);
@@ -133,13 +163,16 @@ impl WanBlock {
         let x = (xf + a.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
-            Some((w, b)) => layer_norm(&x.to_dtype(DType::F32)?, w, b, self.eps)?.to_dtype(dtype)?,
+            Some((w, b)) => {
+                layer_norm(&x.to_dtype(DType::F32)?, w, b, self.eps)?.to_dtype(dtype)?
+            }
             None => x.clone(),
         };
         let x = (&x + self.attn2.forward(&h, Some(context), None)?)?;
 
         let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
+        let h =
+            modulate(&layer_norm_no_affine(&xf, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
         let f = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
         (xf + f.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
     }
@@ -173,7 +206,8 @@ impl WanTransformer3DModel {
     /// Loads from a VarBuilder with diffusers names. Checks the checkpoint has exactly
     /// `num_layers` blocks when the backend can tell.
     pub fn load(vb: VarBuilder, cfg: &WanTransformerConfig) -> Result<Self> {
-        cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
         let patch = cfg.in_channels * pt * ph * pw;
@@ -215,14 +249,21 @@ impl WanTransformer3DModel {
     /// The post-patch token grid `(F/pt, H/ph, W/pw)` of a latent `[B, C, F, H, W]`.
     pub fn token_grid(&self, latent_dims: &[usize]) -> (usize, usize, usize) {
         let [pt, ph, pw] = self.cfg.patch_size;
-        (latent_dims[2] / pt, latent_dims[3] / ph, latent_dims[4] / pw)
+        (
+            latent_dims[2] / pt,
+            latent_dims[3] / ph,
+            latent_dims[4] / pw,
+        )
     }
 
     /// Embeds the text: UMT5 hidden states `[B, L, text_dim]` → `[B, L, D]`. Independent of
     /// the timestep, so a sampler computes it once per prompt.
     pub fn embed_text(&self, context: &Tensor) -> Result<Tensor> {
         let dtype = self.patch_weight.dtype();
-        let h = self.text_linear_1.forward(&context.to_dtype(dtype)?)?.gelu()?;
+        let h = self
+            .text_linear_1
+            .forward(&context.to_dtype(dtype)?)?
+            .gelu()?;
         self.text_linear_2.forward(&h)
     }
 
@@ -247,7 +288,9 @@ impl WanTransformer3DModel {
         let (b, c, f, h, w) = x.dims5()?;
         let [pt, ph, pw] = self.cfg.patch_size;
         if f % pt != 0 || h % ph != 0 || w % pw != 0 {
-            candle_core::bail!("latent {f}×{h}×{w} is not divisible by the patch size {pt}×{ph}×{pw}");
+            candle_core::bail!(
+                "latent {f}×{h}×{w} is not divisible by the patch size {pt}×{ph}×{pw}"
+            );
         }
         let (gf, gh, gw) = (f / pt, h / ph, w / pw);
         x.reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
@@ -316,7 +359,9 @@ pub fn load_transformer(
     let (store, dir_cfg) = if path.is_dir() {
         let cfg_path = path.join("config.json");
         let c = if cfg.is_none() {
-            Some(crate::weights::read_config::<WanTransformerConfig>(&cfg_path)?)
+            Some(crate::weights::read_config::<WanTransformerConfig>(
+                &cfg_path,
+            )?)
         } else {
             None
         };
@@ -334,8 +379,9 @@ pub fn load_transformer(
     };
     let cfg = match cfg.or(dir_cfg) {
         Some(c) => c,
-        None => infer_config(&store)
-            .with_context(|| format!("cannot infer the transformer config of {}", path.display()))?,
+        None => infer_config(&store).with_context(|| {
+            format!("cannot infer the transformer config of {}", path.display())
+        })?,
     };
     let vb = store.into_var_builder(dtype, device);
     let model = WanTransformer3DModel::load(vb, &cfg)

@@ -11,10 +11,22 @@ pub const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 /// Native → diffusers substring replacements, applied in order.
 pub const NATIVE_TO_DIFFUSERS: &[(&str, &str)] = &[
-    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    (
+        "time_embedding.0",
+        "condition_embedder.time_embedder.linear_1",
+    ),
+    (
+        "time_embedding.2",
+        "condition_embedder.time_embedder.linear_2",
+    ),
+    (
+        "text_embedding.0",
+        "condition_embedder.text_embedder.linear_1",
+    ),
+    (
+        "text_embedding.2",
+        "condition_embedder.text_embedder.linear_2",
+    ),
     ("time_projection.1", "condition_embedder.time_proj"),
     ("cross_attn", "attn2"),
     ("self_attn", "attn1"),
@@ -35,10 +47,22 @@ pub const NATIVE_TO_DIFFUSERS: &[(&str, &str)] = &[
 /// Diffusers → native substring replacements, applied in order (after the top-level
 /// `scale_shift_table` → `head.modulation` special case).
 pub const DIFFUSERS_TO_NATIVE: &[(&str, &str)] = &[
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    (
+        "condition_embedder.time_embedder.linear_1",
+        "time_embedding.0",
+    ),
+    (
+        "condition_embedder.time_embedder.linear_2",
+        "time_embedding.2",
+    ),
+    (
+        "condition_embedder.text_embedder.linear_1",
+        "text_embedding.0",
+    ),
+    (
+        "condition_embedder.text_embedder.linear_2",
+        "text_embedding.2",
+    ),
     ("condition_embedder.time_proj", "time_projection.1"),
     ("attn2", "cross_attn"),
     ("attn1", "self_attn"),
@@ -63,7 +87,10 @@ fn apply(table: &[(&str, &str)], key: &str) -> String {
 
 /// Maps a native (or Comfy-prefixed) transformer key to its diffusers name.
 pub fn native_to_diffusers(key: &str) -> String {
-    apply(NATIVE_TO_DIFFUSERS, key.strip_prefix(COMFY_PREFIX).unwrap_or(key))
+    apply(
+        NATIVE_TO_DIFFUSERS,
+        key.strip_prefix(COMFY_PREFIX).unwrap_or(key),
+    )
 }
 
 /// Maps a diffusers transformer key to its native name (without the Comfy prefix).
