@@ -8,5 +8,6 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod sched;
+pub mod train;
 pub mod video;
 pub mod weights;

@@ -2,26 +2,40 @@
 
 use clap::Parser;
 use sora::cli::run::{run_gen, UsageError, EXIT_FAILED, EXIT_USAGE};
+use sora::cli::train::{run_eval, run_train};
 use sora::cli::{Cli, Command};
+
+fn set_threads(n: Option<usize>) {
+    if let Some(n) = n {
+        // Read by candle's GEMM and rayon's pool, both created on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+}
 
 fn main() {
     let cli = Cli::parse();
-    let code = match cli.command {
+    let result = match cli.command {
         Command::Gen(args) => {
-            if let Some(n) = args.threads {
-                // Read by candle's GEMM and rayon's pool, both created on first use.
-                std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-            }
-            match run_gen(args) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    if e.downcast_ref::<UsageError>().is_some() {
-                        EXIT_USAGE
-                    } else {
-                        EXIT_FAILED
-                    }
-                }
+            set_threads(args.threads);
+            run_gen(*args)
+        }
+        Command::Train(args) => {
+            set_threads(args.threads);
+            run_train(args)
+        }
+        Command::Eval(args) => {
+            set_threads(args.threads);
+            run_eval(args)
+        }
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
             }
         }
     };

@@ -24,7 +24,71 @@ pub struct Cli {
 pub enum Command {
     /// Generate a video (or image) from a prompt, or a batch from a prompt file.
     #[command(after_help = GEN_EXAMPLES)]
-    Gen(GenArgs),
+    Gen(Box<GenArgs>),
+    /// Train the tiny model of the bundled recipe (VAE, latent dataset, DiT) into a directory.
+    Train(TrainArgs),
+    /// Score a model's prompt-following on the synthetic-world prompt suites.
+    Eval(EvalArgs),
+}
+
+/// Which stage of the recipe to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainStage {
+    /// Every stage in order (resumes whatever is done).
+    All,
+    /// Train the VAE on synthetic clips.
+    Vae,
+    /// Encode the synthetic dataset into latents with the trained VAE.
+    Encode,
+    /// Train the DiT on the latents with captions.
+    Dit,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Stage to run.
+    #[arg(value_enum, default_value = "all")]
+    pub stage: TrainStage,
+    /// Training directory; the finished model lands here in the `--model DIR` layout.
+    #[arg(short, long, default_value = "weights")]
+    pub out: PathBuf,
+    /// A seconds-long run of the same recipe at toy sizes (for tests and a quick look).
+    #[arg(long)]
+    pub smoke: bool,
+    /// Override the DiT training steps.
+    #[arg(long)]
+    pub dit_steps: Option<u64>,
+    /// Override the VAE training steps.
+    #[arg(long)]
+    pub vae_steps: Option<u64>,
+    /// Save a checkpoint every N steps (also on Ctrl-C).
+    #[arg(long, default_value = "100")]
+    pub ckpt_every: u64,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Model to score (default: the bundled model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Seeds per prompt.
+    #[arg(long, default_value = "2")]
+    pub seeds: u64,
+    /// Write every generated clip's frames here as PNG strips for inspection.
+    #[arg(long, value_name = "DIR")]
+    pub frames_out: Option<PathBuf>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const GEN_EXAMPLES: &str = "Examples:

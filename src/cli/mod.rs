@@ -5,5 +5,6 @@ pub mod args;
 pub mod plan;
 pub mod progress;
 pub mod run;
+pub mod train;
 
 pub use args::{Cli, Command, GenArgs};

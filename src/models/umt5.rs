@@ -17,7 +17,7 @@ use crate::nn::attention::attention;
 use crate::nn::norm::rms_norm;
 
 /// `eos_token_id` is an integer or a list of integers in transformers configs.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum TokenIds {
     One(u32),
@@ -26,7 +26,7 @@ pub enum TokenIds {
 
 /// Encoder hyper-parameters, read from transformers' `config.json` (`UMT5Config`). Unknown
 /// fields are ignored; missing ones take transformers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct Umt5Config {
     #[serde(default = "defaults::vocab_size")]
     pub vocab_size: usize,

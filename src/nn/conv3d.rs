@@ -16,6 +16,9 @@ const IM2COL_BUDGET: usize = 1 << 26;
 pub struct CausalConv3d {
     /// `[C_out, kt * C_in, kh, kw]`, the temporal taps folded into input channels (tap-major).
     weight: Tensor,
+    /// The PyTorch-layout weight `[C_out, C_in, kt, kh, kw]`. Training folds it on every call,
+    /// so optimizer updates of this variable reach the convolution and gradients flow back.
+    raw_weight: Tensor,
     bias: Option<Tensor>,
     in_channels: usize,
     out_channels: usize,
@@ -39,6 +42,7 @@ impl CausalConv3d {
             .contiguous()?;
         Ok(Self {
             weight: folded,
+            raw_weight: weight.clone(),
             bias,
             in_channels: c_in,
             out_channels: c_out,
@@ -115,6 +119,16 @@ impl CausalConv3d {
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
         let h_out = (hp - kh) / sh + 1;
         let w_out = (wp - kw) / sw + 1;
+        let weight = if crate::nn::differentiable() {
+            self.raw_weight.permute((0, 2, 1, 3, 4))?.reshape((
+                self.out_channels,
+                kt * c,
+                kh,
+                kw,
+            ))?
+        } else {
+            self.weight.clone()
+        };
         let per_frame = b * h_out * w_out * kt * c * kh * kw;
         let chunk = (IM2COL_BUDGET / per_frame.max(1)).clamp(1, t_out);
         let mut outs = Vec::with_capacity(t_out.div_ceil(chunk));
@@ -143,11 +157,7 @@ impl CausalConv3d {
                 stacked
                     .permute((0, 2, 1, 3, 4))?
                     .reshape((b * n, kt * c, x.dim(3)?, x.dim(4)?))?;
-            let y = img.conv2d(&self.weight, pad2d, sh, 1, 1)?;
-            let y = match &self.bias {
-                Some(bias) => y.broadcast_add(&bias.reshape((1, self.out_channels, 1, 1))?)?,
-                None => y,
-            };
+            let y = crate::nn::conv2d::conv2d(&img, &weight, self.bias.as_ref(), pad2d, sh)?;
             let y = y
                 .reshape((b, n, self.out_channels, h_out, w_out))?
                 .permute((0, 2, 1, 3, 4))?;

@@ -13,6 +13,7 @@ use rand_distr::Distribution;
 
 pub use model::{ModelDefaults, SoraModelCard, WanModel};
 
+use crate::models::umt5::{Umt5Encoder, Umt5Tokenizer};
 use crate::sched::{self, SamplerKind};
 
 /// One generation, fully resolved (no defaults left to fill in).
@@ -114,11 +115,16 @@ pub fn clean_prompt(text: &str) -> String {
 /// Encodes prompts as the Wan pipeline does: UMT5 hidden states of the real tokens, zero rows
 /// after them up to `text_len`. Returns `[B, text_len, d_model]`. The encoder runs only over
 /// the longest prompt's tokens: masked padding cannot change the real tokens' states.
-pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
+pub fn encode_text(
+    tokenizer: &Umt5Tokenizer,
+    encoder: &Umt5Encoder,
+    prompts: &[&str],
+    text_len: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let cleaned: Vec<String> = prompts.iter().map(|p| clean_prompt(p)).collect();
     let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
-    let text_len = model.defaults.text_len;
-    let (ids, mask) = model.tokenizer.encode_padded(&refs, text_len)?;
+    let (ids, mask) = tokenizer.encode_padded(&refs, text_len)?;
     let lens: Vec<usize> = mask
         .iter()
         .map(|m| m.iter().filter(|v| **v > 0).count())
@@ -126,11 +132,9 @@ pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
     let used = lens.iter().copied().max().unwrap_or(0).max(1);
     let ids: Vec<Vec<u32>> = ids.iter().map(|r| r[..used].to_vec()).collect();
     let mask: Vec<Vec<u32>> = mask.iter().map(|r| r[..used].to_vec()).collect();
-    let dev = &model.device;
-    let ids_t = crate::models::umt5::rows_to_tensor(&ids, dev)?;
-    let mask_t = crate::models::umt5::rows_to_tensor(&mask, dev)?;
-    let hidden = model
-        .text_encoder
+    let ids_t = crate::models::umt5::rows_to_tensor(&ids, device)?;
+    let mask_t = crate::models::umt5::rows_to_tensor(&mask, device)?;
+    let hidden = encoder
         .forward(&ids_t, Some(&mask_t))?
         .to_dtype(DType::F32)?;
     let mut rows = Vec::with_capacity(prompts.len());
@@ -139,6 +143,17 @@ pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
         rows.push(real.pad_with_zeros(0, 0, text_len - len)?);
     }
     Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// [`encode_text`] with a loaded model's tokenizer, encoder and text length.
+pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
+    encode_text(
+        &model.tokenizer,
+        &model.text_encoder,
+        prompts,
+        model.defaults.text_len,
+        &model.device,
+    )
 }
 
 /// Runs a generation: encodes the prompts, denoises from `init_noise` (or the seeded noise),

@@ -7,5 +7,7 @@ mod conv3d;
 mod dit;
 mod pipeline;
 mod sched;
+mod train;
 mod umt5;
 mod vae;
+mod world;

@@ -11,7 +11,9 @@
 //! Norms run in f32 whatever the weight dtype; everything else in the VarBuilder's dtype.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::conv2d::Conv2d;
 
 use super::config::WanVaeConfig;
 use crate::nn::attention;
@@ -365,14 +367,13 @@ struct AttnBlock {
 
 impl AttnBlock {
     fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
-        let cfg = Conv2dConfig::default();
         Ok(Self {
             norm: vb
                 .clone()
                 .set_dtype(DType::F32)
                 .get((dim, 1, 1), "norm.gamma")?,
-            to_qkv: candle_nn::conv2d(dim, 3 * dim, 1, cfg, vb.pp("to_qkv"))?,
-            proj: candle_nn::conv2d(dim, dim, 1, cfg, vb.pp("proj"))?,
+            to_qkv: Conv2d::load(vb.pp("to_qkv"), dim, 3 * dim, 1, 0, 1)?,
+            proj: Conv2d::load(vb.pp("proj"), dim, dim, 1, 0, 1)?,
         })
     }
 
@@ -432,21 +433,10 @@ struct Resample {
 
 impl Resample {
     fn load(vb: VarBuilder, dim: usize, mode: ResampleMode) -> Result<Self> {
-        let (cout, cfg) = match mode {
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => (
-                dim,
-                Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                },
-            ),
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => (
-                dim / 2,
-                Conv2dConfig {
-                    padding: 1,
-                    ..Default::default()
-                },
-            ),
+        // (out channels, padding, stride)
+        let (cout, padding, stride) = match mode {
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => (dim, 0, 2),
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => (dim / 2, 1, 1),
         };
         let tvb = vb.pp("time_conv");
         let time_conv = match mode {
@@ -470,7 +460,7 @@ impl Resample {
         };
         Ok(Self {
             mode,
-            conv: candle_nn::conv2d(dim, cout, 3, cfg, vb.pp("resample.1"))?,
+            conv: Conv2d::load(vb.pp("resample.1"), dim, cout, 3, padding, stride)?,
             time_conv,
         })
     }

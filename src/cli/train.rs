@@ -1,0 +1,174 @@
+//! `sora train` (the recipe of the bundled model) and `sora eval` (prompt-following scores).
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::args::{EvalArgs, TrainArgs, TrainStage};
+use super::run::{resolve_model, EXIT_INTERRUPTED, EXIT_OK};
+use crate::pipeline::{generate, GenRequest, Silent, WanModel};
+use crate::train::eval::{prompt_suite, score, score_suite};
+use crate::train::recipe::{encode_dataset, run_all, train_dit, train_vae, Recipe, StageOptions};
+use crate::train::world::{self, Split};
+use crate::video::{tensor_to_frames, write_png, RgbFrame};
+
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+    flag
+}
+
+/// Runs `sora train`; returns the exit status.
+pub fn run_train(a: TrainArgs) -> Result<i32> {
+    let vocab = world::vocabulary().len() + 3;
+    let mut r = if a.smoke {
+        Recipe::smoke(vocab)
+    } else {
+        Recipe::bundled(vocab)
+    };
+    if let Some(s) = a.dit_steps {
+        r.dit_steps = s;
+    }
+    if let Some(s) = a.vae_steps {
+        r.vae_steps = s;
+    }
+    let opts = StageOptions {
+        progress: !a.quiet && std::io::stderr().is_terminal(),
+        ckpt_every: a.ckpt_every.max(1),
+    };
+    let flag = interrupt_flag();
+    let cancel = || flag.load(Ordering::SeqCst);
+    let t0 = Instant::now();
+    let dir = &a.out;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let done = match a.stage {
+        TrainStage::All => run_all(&r, dir, &opts, &cancel)?,
+        TrainStage::Vae => train_vae(&r, dir, &opts, &cancel)?,
+        TrainStage::Encode => encode_dataset(&r, dir, &opts, &cancel)?,
+        TrainStage::Dit => train_dit(&r, dir, &opts, &cancel)?,
+    };
+    if !done {
+        eprintln!(
+            "interrupted after {:.0} s; progress is checkpointed in {}: run the same command to resume",
+            t0.elapsed().as_secs_f64(),
+            dir.display()
+        );
+        return Ok(EXIT_INTERRUPTED);
+    }
+    println!(
+        "{:?} stage(s) complete in {}: {:.0} s",
+        a.stage,
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(EXIT_OK)
+}
+
+/// Generates one clip with the model's defaults and returns its frames.
+pub fn generate_frames(model: &WanModel, prompt: &str, seed: u64) -> Result<Vec<RgbFrame>> {
+    let d = &model.defaults;
+    let req = GenRequest {
+        prompt: prompt.to_string(),
+        negative_prompt: d.negative_prompt.clone(),
+        width: d.width,
+        height: d.height,
+        frames: d.frames,
+        steps: d.steps,
+        guidance: d.guidance,
+        shift: model.default_shift(),
+        sampler: d.sampler,
+        seed,
+    };
+    let mut frames = Vec::new();
+    let mut sink = |c: &Tensor| -> Result<()> {
+        frames.extend(tensor_to_frames(c, None)?);
+        Ok(())
+    };
+    generate(model, &req, None, &mut Silent, &|| false, &mut sink)?;
+    Ok(frames)
+}
+
+fn strip(frames: &[RgbFrame]) -> RgbFrame {
+    let (w, h) = (frames[0].width, frames[0].height);
+    let n = frames.len();
+    let mut data = vec![0u8; n * w * h * 3];
+    for (i, f) in frames.iter().enumerate() {
+        for y in 0..h {
+            let dst = (y * n * w + i * w) * 3;
+            data[dst..dst + w * 3].copy_from_slice(&f.data[y * w * 3..(y + 1) * w * 3]);
+        }
+    }
+    RgbFrame {
+        width: n * w,
+        height: h,
+        data,
+    }
+}
+
+/// Runs `sora eval`; returns the exit status.
+pub fn run_eval(a: EvalArgs) -> Result<i32> {
+    let dir = resolve_model(a.model.as_deref(), true, false)?;
+    let model = WanModel::load(&dir, &Device::Cpu, DType::F32)?;
+    if let Some(d) = &a.frames_out {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let t0 = Instant::now();
+    let mut report = Vec::new();
+    for (label, split) in [("seen", Split::Train), ("held-out", Split::HeldOut)] {
+        let mut scores = Vec::new();
+        for (pi, prompt) in prompt_suite(split).iter().enumerate() {
+            let parsed = world::parse_prompt(prompt)
+                .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
+            for seed in 0..a.seeds {
+                let frames = generate_frames(&model, prompt, seed)?;
+                let s = score(&frames, &parsed);
+                if let Some(d) = &a.frames_out {
+                    let name = format!(
+                        "{label}-{pi:02}-s{seed}-{}.png",
+                        crate::cli::plan::slug(prompt)
+                    );
+                    write_png(&Path::new(d).join(name), &strip(&frames))?;
+                }
+                scores.push(s);
+            }
+        }
+        let sum = score_suite(&scores);
+        report.push((label, sum));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let v: Vec<serde_json::Value> = report
+            .iter()
+            .map(|(l, s)| json!({"split": l, "n": s.n, "color": s.color, "shape": s.shape, "motion": s.motion, "all": s.all}))
+            .collect();
+        println!(
+            "{}",
+            json!({"model": dir, "seeds": a.seeds, "seconds": secs, "suites": v})
+        );
+    } else {
+        println!(
+            "{:<9} {:>4} {:>7} {:>7} {:>7} {:>7}",
+            "suite", "n", "colour", "shape", "motion", "all"
+        );
+        for (l, s) in &report {
+            println!(
+                "{:<9} {:>4} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}%",
+                l,
+                s.n,
+                100.0 * s.color,
+                100.0 * s.shape,
+                100.0 * s.motion,
+                100.0 * s.all
+            );
+        }
+        println!("({} seeds per prompt, {:.0} s)", a.seeds, secs);
+    }
+    Ok(EXIT_OK)
+}

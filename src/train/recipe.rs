@@ -1,0 +1,564 @@
+//! The recipe that produces the bundled model: train the VAE on synthetic clips, encode the
+//! dataset into latents (the video compression step), train the DiT on latents with captions
+//! under flow matching (with caption dropout for classifier-free guidance), and export a model
+//! directory in the layout `--model DIR` reads. Every stage resumes from its checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::looper::{train_loop, LoopConfig};
+use super::optim::{params, save_tensors, Params};
+use super::world::{self, Scene, Split};
+use crate::models::umt5::{Umt5Config, Umt5Encoder, Umt5Tokenizer};
+use crate::models::wan::dit::WanTransformer3DModel;
+use crate::models::wan::vae::AutoencoderKLWan;
+use crate::models::wan::{WanTransformerConfig, WanVaeConfig};
+use crate::pipeline::{encode_text, ModelDefaults, SoraModelCard};
+use crate::sched::{SamplerKind, SchedulerConfig};
+
+/// Sizes and schedules of the tiny model. `Recipe::bundled()` is what ships in `weights/`;
+/// `Recipe::smoke()` is a seconds-long version for tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub width: usize,
+    pub height: usize,
+    /// Frames of a generated clip (1 + 4k).
+    pub frames: usize,
+    pub fps: u32,
+    /// Frames of a VAE training clip (1 + 4k).
+    pub vae_frames: usize,
+    /// Side of the random square crops the VAE trains on (it is fully convolutional).
+    pub vae_crop: usize,
+    pub vae: WanVaeConfig,
+    pub text: Umt5Config,
+    pub dit: WanTransformerConfig,
+    pub text_len: usize,
+    pub vae_steps: u64,
+    pub vae_batch: usize,
+    pub vae_lr: f64,
+    pub clips: usize,
+    pub dit_steps: u64,
+    pub dit_batch: usize,
+    pub dit_lr: f64,
+    /// Probability of training on the empty caption (classifier-free guidance).
+    pub cfg_dropout: f64,
+    pub seed: u64,
+    /// Inference defaults written to `sora.json`.
+    pub steps: usize,
+    pub guidance: f64,
+    pub shift: f64,
+}
+
+impl Recipe {
+    /// The bundled model: 64×64, 17 frames at 8 fps.
+    pub fn bundled(vocab_size: usize) -> Self {
+        let vae = WanVaeConfig {
+            base_dim: 16,
+            z_dim: 8,
+            dim_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            temperal_downsample: vec![true, true],
+            latents_mean: vec![0.0; 8],
+            latents_std: vec![1.0; 8],
+            ..WanVaeConfig::wan2_1()
+        };
+        let text = Umt5Config {
+            vocab_size,
+            d_model: 64,
+            d_kv: 16,
+            d_ff: 128,
+            num_layers: 2,
+            num_heads: 4,
+            ..Umt5Config::umt5_xxl()
+        };
+        let dit = WanTransformerConfig {
+            num_attention_heads: 3,
+            attention_head_dim: 32,
+            in_channels: 8,
+            out_channels: Some(8),
+            text_dim: 64,
+            freq_dim: 64,
+            ffn_dim: 288,
+            num_layers: 4,
+            ..WanTransformerConfig::t2v_1_3b()
+        };
+        Self {
+            width: 64,
+            height: 64,
+            frames: 17,
+            fps: 8,
+            vae_frames: 9,
+            vae_crop: 32,
+            vae,
+            text,
+            dit,
+            text_len: 16,
+            vae_steps: 300,
+            vae_batch: 4,
+            vae_lr: 1e-3,
+            clips: 1500,
+            dit_steps: 1800,
+            dit_batch: 8,
+            dit_lr: 5e-4,
+            cfg_dropout: 0.1,
+            seed: 2026,
+            steps: 24,
+            guidance: 4.0,
+            shift: 2.0,
+        }
+    }
+
+    /// A seconds-long variant for tests: same architecture, fewer and smaller everything.
+    pub fn smoke(vocab_size: usize) -> Self {
+        let mut r = Self::bundled(vocab_size);
+        r.width = 32;
+        r.height = 32;
+        r.frames = 5;
+        r.vae_frames = 5;
+        r.vae_crop = 16;
+        r.vae.base_dim = 4;
+        r.dit.num_layers = 1;
+        r.dit.ffn_dim = 64;
+        r.vae_steps = 3;
+        r.vae_batch = 2;
+        r.clips = 6;
+        r.dit_steps = 3;
+        r.dit_batch = 4;
+        r.steps = 2;
+        r
+    }
+}
+
+/// Builds a model's variables in a fresh `VarMap` and initialises each by its role: norm gains
+/// 1, biases 0, modulation tables N(0, 1/d), the DiT's output head and time projection 0 (the
+/// blocks start near identity), token embeddings N(0, 1), other weights N(0, 1/fan_in).
+pub fn init_params(ps: &Params, seed: u64) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (name, var) in ps {
+        let shape = var.shape().clone();
+        let dims = shape.dims().to_vec();
+        let n = shape.elem_count();
+        let is_gain = name.ends_with("gamma")
+            || name.ends_with("layer_norm.weight")
+            || name.ends_with("norm_q.weight")
+            || name.ends_with("norm_k.weight")
+            || (name.contains(".norm2.") && name.ends_with("weight"));
+        let zero = name.ends_with(".bias")
+            || name.starts_with("proj_out.")
+            || name.starts_with("condition_embedder.time_proj.");
+        let values: Vec<f32> = if is_gain {
+            vec![1.0; n]
+        } else if zero {
+            vec![0.0; n]
+        } else {
+            let std = if name.contains("scale_shift_table") {
+                1.0 / (*dims.last().unwrap_or(&1) as f64).sqrt()
+            } else if name == "shared.weight" {
+                1.0
+            } else if name.contains("relative_attention_bias") {
+                0.5
+            } else {
+                let fan_in = if dims.len() > 1 { n / dims[0] } else { n };
+                1.0 / (fan_in as f64).sqrt()
+            };
+            (0..n)
+                .map(|_| (rng.sample::<f64, _>(rand_distr::StandardNormal) * std) as f32)
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+fn step_rng(seed: u64, stage: u64, step: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(
+        seed ^ stage.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
+}
+
+/// Renders a batch of training scenes as `[B, 3, F, H, W]` in [-1, 1], with their scenes.
+fn render_batch(
+    rng: &mut ChaCha8Rng,
+    r: &Recipe,
+    frames: usize,
+    n: usize,
+    dev: &Device,
+) -> Result<(Tensor, Vec<Scene>)> {
+    let mut clips = Vec::with_capacity(n);
+    let mut scenes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Scene::sample(rng, r.width, r.height, frames, Split::Train);
+        clips.push(world::render_tensor(&s, r.width, r.height, frames, dev)?);
+        scenes.push(s);
+    }
+    Ok((Tensor::stack(&clips, 0)?, scenes))
+}
+
+/// Options shared by the stages.
+#[derive(Debug, Clone)]
+pub struct StageOptions {
+    pub progress: bool,
+    pub ckpt_every: u64,
+}
+
+/// Stage 1: trains the VAE to reconstruct synthetic clips (L1 + L2, small latent L2 penalty).
+/// Writes `dir/vae/` (config + weights) when done; returns false if interrupted.
+pub fn train_vae(
+    r: &Recipe,
+    dir: &Path,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+) -> Result<bool> {
+    let dev = Device::Cpu;
+    let out = dir.join("vae");
+    if out.join("diffusion_pytorch_model.safetensors").is_file() {
+        return Ok(true);
+    }
+    crate::nn::set_differentiable(true);
+    let varmap = VarMap::new();
+    let vae = AutoencoderKLWan::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &r.vae)?;
+    let ps = params(&varmap);
+    init_params(&ps, r.seed ^ 1)?;
+    let cfg = LoopConfig {
+        name: "vae".into(),
+        steps: r.vae_steps,
+        lr: r.vae_lr,
+        warmup: 30.min(r.vae_steps),
+        lr_floor: 0.1,
+        clip: 1.0,
+        weight_decay: 0.0,
+        ema: None,
+        ckpt_every: opts.ckpt_every,
+        progress: opts.progress,
+    };
+    let work = dir.join("work-vae");
+    std::fs::create_dir_all(&work)?;
+    let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
+        let mut rng = step_rng(r.seed, 1, step);
+        let (x, _) = render_batch(&mut rng, r, r.vae_frames, r.vae_batch, &dev)?;
+        let (cy, cx) = (
+            rng.random_range(0..=r.height - r.vae_crop),
+            rng.random_range(0..=r.width - r.vae_crop),
+        );
+        let x = x
+            .narrow(3, cy, r.vae_crop)?
+            .narrow(4, cx, r.vae_crop)?
+            .contiguous()?;
+        let (mean, _) = vae.encode(&x)?;
+        let recon = vae.decode(&mean)?;
+        let diff = (recon - &x)?;
+        let l1 = diff.abs()?.mean_all()?;
+        let l2 = diff.sqr()?.mean_all()?;
+        let reg = (mean.sqr()?.mean_all()? * 1e-4)?;
+        Ok(((l1 + l2)? + reg)?)
+    })?;
+    crate::nn::set_differentiable(false);
+    if !outcome.finished {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(&out)?;
+    let weights: HashMap<String, Tensor> = ps
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors(&weights, &out.join("diffusion_pytorch_model.safetensors"))?;
+    write_json(&out.join("config.json"), &vae_config_json(&r.vae))?;
+    Ok(true)
+}
+
+fn vae_config_json(c: &WanVaeConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(c).expect("serialisable");
+    v["_class_name"] = "AutoencoderKLWan".into();
+    v
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The encoded dataset: normalised latents and, per clip, three caption paraphrases.
+#[derive(Debug, Serialize, Deserialize)]
+struct Captions {
+    captions: Vec<Vec<String>>,
+}
+
+/// Stage 2: renders `r.clips` training clips, encodes them with the trained VAE (mean of the
+/// posterior), measures per-channel latent mean/std (stored in the VAE config, as Wan does) and
+/// saves the normalised latents `[N, z, T', h, w]` with captions.
+pub fn encode_dataset(
+    r: &Recipe,
+    dir: &Path,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+) -> Result<bool> {
+    let dev = Device::Cpu;
+    let latents_path = dir.join("latents.safetensors");
+    if latents_path.is_file() {
+        return Ok(true);
+    }
+    let vae_dir = dir.join("vae");
+    let mut cfg: WanVaeConfig = crate::weights::read_config(&vae_dir.join("config.json"))?;
+    let vae = crate::models::wan::vae_keys::load_vae(&vae_dir, &cfg, DType::F32, &dev)?;
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(r.clips as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut lat = Vec::with_capacity(r.clips);
+    let mut captions = Vec::with_capacity(r.clips);
+    let chunk = 8;
+    let mut i = 0;
+    while i < r.clips {
+        if cancel() {
+            return Ok(false);
+        }
+        let n = chunk.min(r.clips - i);
+        let mut rng = step_rng(r.seed, 2, i as u64);
+        let (x, scenes) = render_batch(&mut rng, r, r.frames, n, &dev)?;
+        let (mean, _) = vae.encode(&x)?;
+        for (j, s) in scenes.iter().enumerate() {
+            lat.push(mean.get(j)?);
+            captions.push(
+                (0..3)
+                    .map(|_| world::caption(s, &mut rng))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        i += n;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let all = Tensor::stack(&lat, 0)?; // [N, z, T, h, w]
+    let z = cfg.z_dim;
+    let per_channel = all.transpose(0, 1)?.reshape((z, ()))?;
+    let mean: Vec<f32> = per_channel.mean(D::Minus1)?.to_vec1()?;
+    let var: Vec<f32> = per_channel
+        .broadcast_sub(&Tensor::from_vec(mean.clone(), (z, 1), &dev)?)?
+        .sqr()?
+        .mean(D::Minus1)?
+        .to_vec1()?;
+    cfg.latents_mean = mean
+        .iter()
+        .map(|v| (*v as f64 * 1e4).round() / 1e4)
+        .collect();
+    cfg.latents_std = var
+        .iter()
+        .map(|v| ((v.sqrt() as f64).max(1e-3) * 1e4).round() / 1e4)
+        .collect();
+    write_json(&vae_dir.join("config.json"), &vae_config_json(&cfg))?;
+    let vae = crate::models::wan::vae_keys::load_vae(&vae_dir, &cfg, DType::F32, &dev)?;
+    let normed = vae.normalize_latents(&all)?;
+    let mut m = HashMap::new();
+    m.insert("latents".to_string(), normed);
+    write_json(&dir.join("captions.json"), &Captions { captions })?;
+    save_tensors(&m, &latents_path)?;
+    Ok(true)
+}
+
+/// Builds (or reloads) the frozen text encoder and tokenizer of the model in `dir`.
+fn text_stack(r: &Recipe, dir: &Path, dev: &Device) -> Result<(Umt5Tokenizer, Umt5Encoder)> {
+    let tok_dir = dir.join("tokenizer");
+    let te_dir = dir.join("text_encoder");
+    if !te_dir.join("model.safetensors").is_file() {
+        std::fs::create_dir_all(&tok_dir)?;
+        std::fs::create_dir_all(&te_dir)?;
+        let tok = super::tokenizer::build_tokenizer(&world::vocabulary())?;
+        super::tokenizer::save_tokenizer(&tok, &tok_dir.join("tokenizer.json"))?;
+        let varmap = VarMap::new();
+        Umt5Encoder::load(VarBuilder::from_varmap(&varmap, DType::F32, dev), &r.text)?;
+        let ps = params(&varmap);
+        init_params(&ps, r.seed ^ 3)?;
+        let w: HashMap<String, Tensor> = ps
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        save_tensors(&w, &te_dir.join("model.safetensors"))?;
+        let mut c = serde_json::to_value(&r.text)?;
+        c["architectures"] = serde_json::json!(["UMT5EncoderModel"]);
+        c["model_type"] = "umt5".into();
+        write_json(&te_dir.join("config.json"), &c)?;
+    }
+    let tok = Umt5Tokenizer::from_file(&tok_dir.join("tokenizer.json"))?;
+    let store = crate::weights::TensorStore::open_dir(&te_dir)?;
+    let enc = Umt5Encoder::load(store.into_var_builder(DType::F32, dev), &r.text)?;
+    Ok((tok, enc))
+}
+
+/// Stage 3: trains the DiT on the latents under the flow-matching objective: `x_σ = (1−σ)·x0 +
+/// σ·ε`, target velocity `ε − x0`, σ logit-normal; captions dropped with `cfg_dropout`. Writes
+/// the EMA weights to `dir/transformer/`.
+pub fn train_dit(
+    r: &Recipe,
+    dir: &Path,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+) -> Result<bool> {
+    let dev = Device::Cpu;
+    let out = dir.join("transformer");
+    if out.join("diffusion_pytorch_model.safetensors").is_file() {
+        return Ok(true);
+    }
+    let (tok, enc) = text_stack(r, dir, &dev)?;
+    let data = candle_core::safetensors::load(dir.join("latents.safetensors"), &dev)?;
+    let latents = data
+        .get("latents")
+        .context("latents.safetensors has no `latents`")?
+        .clone();
+    let caps: Captions = crate::weights::read_config(&dir.join("captions.json"))?;
+    let n = latents.dim(0)?;
+    if caps.captions.len() != n {
+        bail!(
+            "captions.json has {} entries but there are {n} latent clips",
+            caps.captions.len()
+        );
+    }
+    crate::nn::set_differentiable(true);
+    let varmap = VarMap::new();
+    let dit =
+        WanTransformer3DModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &r.dit)?;
+    let ps = params(&varmap);
+    init_params(&ps, r.seed ^ 4)?;
+    let cfg = LoopConfig {
+        name: "dit".into(),
+        steps: r.dit_steps,
+        lr: r.dit_lr,
+        warmup: 100.min(r.dit_steps),
+        lr_floor: 0.05,
+        clip: 1.0,
+        weight_decay: 0.01,
+        ema: Some(0.999),
+        ckpt_every: opts.ckpt_every,
+        progress: opts.progress,
+    };
+    let work = dir.join("work-dit");
+    std::fs::create_dir_all(&work)?;
+    let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
+        let mut rng = step_rng(r.seed, 3, step);
+        let b = r.dit_batch;
+        let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+        let x0 = latents.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
+        let texts: Vec<String> = idx
+            .iter()
+            .map(|i| {
+                if rng.random::<f64>() < r.cfg_dropout {
+                    String::new()
+                } else {
+                    caps.captions[*i as usize][rng.random_range(0..3)].clone()
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let ctx = encode_text(&tok, &enc, &refs, r.text_len, &dev)?.detach();
+        let sig: Vec<f32> = (0..b)
+            .map(|_| {
+                let u: f64 = rng.sample(rand_distr::StandardNormal);
+                (1.0 / (1.0 + (-u).exp())) as f32
+            })
+            .collect();
+        let noise_v: Vec<f32> = (0..x0.elem_count())
+            .map(|_| rng.sample(rand_distr::StandardNormal))
+            .collect();
+        let noise = Tensor::from_vec(noise_v, x0.shape(), &dev)?;
+        let s = Tensor::from_vec(sig.clone(), (b, 1, 1, 1, 1), &dev)?;
+        let xt = (x0.broadcast_mul(&(1.0 - &s)?)? + noise.broadcast_mul(&s)?)?;
+        let target = (&noise - &x0)?;
+        let t = (Tensor::from_vec(sig, b, &dev)? * 1000.0)?;
+        let v = dit.forward(&xt, &t, &ctx)?;
+        Ok((v - target)?.sqr()?.mean_all()?)
+    })?;
+    crate::nn::set_differentiable(false);
+    if !outcome.finished {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(&out)?;
+    let ema = outcome.ema.context("DiT training keeps an EMA")?;
+    save_tensors(
+        &ema.shadow,
+        &out.join("diffusion_pytorch_model.safetensors"),
+    )?;
+    let mut c = serde_json::to_value(&r.dit)?;
+    c["_class_name"] = "WanTransformer3DModel".into();
+    write_json(&out.join("config.json"), &c)?;
+    Ok(true)
+}
+
+/// Stage 4: writes the remaining files of a model directory (scheduler, model index, sora.json).
+pub fn export(r: &Recipe, dir: &Path) -> Result<()> {
+    let sched_dir = dir.join("scheduler");
+    std::fs::create_dir_all(&sched_dir)?;
+    let mut s = SchedulerConfig::wan2_1();
+    s.flow_shift = Some(r.shift);
+    write_json(&sched_dir.join("scheduler_config.json"), &s)?;
+    write_json(
+        &dir.join("model_index.json"),
+        &serde_json::json!({
+            "_class_name": "WanPipeline",
+            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        }),
+    )?;
+    write_json(
+        &dir.join("sora.json"),
+        &SoraModelCard {
+            name: "sora-tiny".into(),
+            defaults: ModelDefaults {
+                steps: r.steps,
+                guidance: r.guidance,
+                shift: Some(r.shift),
+                sampler: SamplerKind::Unipc,
+                fps: r.fps,
+                width: r.width,
+                height: r.height,
+                frames: r.frames,
+                negative_prompt: String::new(),
+                text_len: r.text_len,
+            },
+        },
+    )?;
+    write_json(&dir.join("recipe.json"), r)?;
+    Ok(())
+}
+
+/// Runs every stage in order into `dir` (resuming whatever is done); true when complete.
+pub fn run_all(
+    r: &Recipe,
+    dir: &Path,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+) -> Result<bool> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(train_vae(r, dir, opts, cancel)?
+        && encode_dataset(r, dir, opts, cancel)?
+        && train_dit(r, dir, opts, cancel)?
+        && {
+            export(r, dir)?;
+            true
+        })
+}
+
+/// Files of a training directory that are not part of the shipped model.
+pub fn work_paths(dir: &Path) -> Vec<PathBuf> {
+    [
+        "work-vae",
+        "work-dit",
+        "latents.safetensors",
+        "captions.json",
+    ]
+    .iter()
+    .map(|p| dir.join(p))
+    .collect()
+}
