@@ -137,6 +137,22 @@ pub struct GenArgs {
     #[arg(long)]
     pub frames: Option<usize>,
 
+    /// Temporal window (frames, 1 + 4k for Wan): longer clips are denoised in overlapping
+    /// windows of this length, blended at every step; cost grows linearly with duration.
+    /// Default: the model's native clip length.
+    #[arg(long, value_name = "FRAMES")]
+    pub window: Option<usize>,
+
+    /// Frames shared by neighbouring temporal windows. Default: the model's.
+    #[arg(long, value_name = "FRAMES")]
+    pub overlap: Option<usize>,
+
+    /// Spatial tile side in pixels: larger frames are denoised in overlapping tiles so cost
+    /// grows with area, not its square. 0 turns tiling off. Default: automatic for frames more
+    /// than twice the model's native size.
+    #[arg(long, value_name = "PIXELS")]
+    pub tile: Option<usize>,
+
     /// Denoising steps. Default: the model's.
     #[arg(long)]
     pub steps: Option<usize>,

@@ -32,6 +32,12 @@ pub struct Overrides {
     pub sampler: Option<SamplerKind>,
     pub seed: Option<u64>,
     pub out: Option<PathBuf>,
+    /// Temporal window length in frames.
+    pub window: Option<usize>,
+    /// Frames shared by neighbouring windows.
+    pub overlap: Option<usize>,
+    /// Spatial tile side in pixels (0: no tiling).
+    pub tile: Option<usize>,
 }
 
 impl Overrides {
@@ -61,6 +67,9 @@ impl Overrides {
             sampler: item.sampler.or(self.sampler),
             seed: item.seed.or(self.seed),
             out: item.out.clone().or_else(|| self.out.clone()),
+            window: item.window.or(self.window),
+            overlap: item.overlap.or(self.overlap),
+            tile: item.tile.or(self.tile),
         }
     }
 }
@@ -148,6 +157,8 @@ pub struct ModelRules {
     pub grid: usize,
     /// Frames come as `1 + temporal·k`.
     pub temporal: usize,
+    /// Pixels per latent cell (the VAE's spatial factor).
+    pub latent_px: usize,
     pub default_shift: f64,
 }
 
@@ -337,6 +348,7 @@ pub fn resolve_job(
         );
     }
     let (gw, gh) = (round_up(width, rules.grid), round_up(height, rules.grid));
+    let (window, tile) = windows_for(rules, o, gen_frames, gw, gh)?;
     Ok(Job {
         index,
         line,
@@ -354,6 +366,8 @@ pub fn resolve_job(
             shift,
             sampler: o.sampler.unwrap_or(d.sampler),
             seed: o.seed.unwrap_or(seed),
+            window,
+            tile,
         },
         width,
         height,
@@ -365,6 +379,64 @@ pub fn resolve_job(
     })
 }
 
+/// Latent frames of `frames` pixel frames.
+fn latent_frames(frames: usize, temporal: usize) -> usize {
+    (frames.max(1) - 1) / temporal + 1
+}
+
+/// Temporal windows and spatial tiles (in latent units) for a clip of `frames` at `w`×`h`:
+/// windows when the clip is longer than the model's window (or `--window` is given), tiles when
+/// `--tile` is given or the frame is more than twice the model's native side.
+pub fn windows_for(
+    rules: &ModelRules,
+    o: &Overrides,
+    frames: usize,
+    w: usize,
+    h: usize,
+) -> Result<(Option<(usize, usize)>, Option<(usize, usize)>)> {
+    let d = &rules.defaults;
+    let tf = rules.temporal;
+    let native = d.window_frames.unwrap_or(d.frames);
+    let win_frames = o.window.unwrap_or(native);
+    if win_frames == 0 || (win_frames - 1) % tf != 0 {
+        bail!("--window {win_frames} must be 1 + {tf}·k frames");
+    }
+    let overlap = o
+        .overlap
+        .or(d.overlap_frames)
+        .unwrap_or((win_frames - 1) / 3);
+    if overlap >= win_frames {
+        bail!("--overlap {overlap} must be smaller than the window ({win_frames} frames)");
+    }
+    let window = if o.window.is_some() || frames > win_frames {
+        Some((latent_frames(win_frames, tf), overlap.div_ceil(tf)))
+    } else {
+        None
+    };
+    let grid_cells = rules.grid / rules.latent_px;
+    let tile_px = match o.tile {
+        Some(0) => None,
+        Some(t) => Some(t),
+        None => d.tile_px.filter(|t| w > 2 * t || h > 2 * t),
+    };
+    let tile = match tile_px {
+        Some(t) => {
+            if t % rules.grid != 0 || t < 2 * rules.grid {
+                bail!(
+                    "--tile {t} must be a multiple of {} pixels and at least {}",
+                    rules.grid,
+                    2 * rules.grid
+                );
+            }
+            let cells = t / rules.latent_px;
+            let ov = (cells / 4 / grid_cells).max(1) * grid_cells;
+            Some((cells, ov))
+        }
+        None => None,
+    };
+    Ok((window, tile))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +446,7 @@ mod tests {
             defaults: ModelDefaults::wan2_1(),
             grid: 16,
             temporal: 4,
+            latent_px: 8,
             default_shift: 3.0,
         }
     }

@@ -172,6 +172,9 @@ fn base_overrides(a: &GenArgs) -> Overrides {
         sampler: a.sampler,
         seed: a.seed,
         out: None,
+        window: a.window,
+        overlap: a.overlap,
+        tile: a.tile,
     }
 }
 
@@ -275,6 +278,7 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
         defaults: model.defaults.clone(),
         grid: model.spatial_grid(),
         temporal: model.temporal_factor(),
+        latent_px: model.vae.config().spatial_factor(),
         default_shift: model.default_shift(),
     };
 

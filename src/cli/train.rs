@@ -85,6 +85,8 @@ pub fn generate_frames(model: &WanModel, prompt: &str, seed: u64) -> Result<Vec<
         shift: model.default_shift(),
         sampler: d.sampler,
         seed,
+        window: None,
+        tile: None,
     };
     let mut frames = Vec::new();
     let mut sink = |c: &Tensor| -> Result<()> {

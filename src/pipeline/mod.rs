@@ -3,6 +3,7 @@
 //! and hands decoded frames to a caller-supplied sink; it never prints or writes files.
 
 pub mod model;
+pub mod window;
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 pub use model::{ModelDefaults, SoraModelCard, WanModel};
+pub use window::{AxisWindows, Blender, WindowPlan};
 
 use crate::models::umt5::{Umt5Encoder, Umt5Tokenizer};
 use crate::sched::{self, SamplerKind};
@@ -31,6 +33,10 @@ pub struct GenRequest {
     pub shift: f64,
     pub sampler: SamplerKind,
     pub seed: u64,
+    /// Temporal windows `(size, overlap)` in latent frames; `None`: one pass over the clip.
+    pub window: Option<(usize, usize)>,
+    /// Spatial tiles `(size, overlap)` in latent cells; `None`: the whole frame at once.
+    pub tile: Option<(usize, usize)>,
 }
 
 /// Progress events of a generation. The CLI draws bars; tests and `--quiet` ignore them.
@@ -156,6 +162,123 @@ pub fn encode_prompts(model: &WanModel, prompts: &[&str]) -> Result<Tensor> {
     )
 }
 
+/// The window plan of a request (`None` when neither windows nor tiles were asked for).
+pub fn window_plan(
+    model: &WanModel,
+    req: &GenRequest,
+    latent: &[usize],
+) -> Result<Option<WindowPlan>> {
+    if req.window.is_none() && req.tile.is_none() {
+        return Ok(None);
+    }
+    let p = model.transformer.config().patch_size;
+    let (t, h, w) = (latent[2], latent[3], latent[4]);
+    let tw = match req.window {
+        Some((win, ov)) => AxisWindows::new(t, win, ov, p[0])?,
+        None => AxisWindows::whole(t),
+    };
+    let (hw, ww) = match req.tile {
+        Some((tile, ov)) => (
+            AxisWindows::new(h, tile, ov, p[1])?,
+            AxisWindows::new(w, tile, ov, p[2])?,
+        ),
+        None => (AxisWindows::whole(h), AxisWindows::whole(w)),
+    };
+    Ok(Some(WindowPlan {
+        t: tw,
+        h: hw,
+        w: ww,
+    }))
+}
+
+/// Classifier-free guided velocity for latents `[B, C, T, H, W]` (B windows of one size):
+/// one DiT pass over `[cond…, uncond…]` when guided. `ctx` is `[1 or 2, L, D]`.
+fn guided_velocity(
+    model: &WanModel,
+    x: &Tensor,
+    t: f32,
+    ctx: &Tensor,
+    guidance: f64,
+) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let guided = guidance > 1.0;
+    let (x2, ctx2) = if guided {
+        let c = ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?;
+        let u = ctx.narrow(0, 1, 1)?.repeat((b, 1, 1))?;
+        (Tensor::cat(&[x, x], 0)?, Tensor::cat(&[c, u], 0)?)
+    } else {
+        (x.clone(), ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?)
+    };
+    let tt = Tensor::full(t, x2.dim(0)?, &model.device)?;
+    let v = model
+        .transformer
+        .forward_embedded(&x2, &tt, &ctx2, (0, 0, 0))
+        .context("denoising step")?;
+    if guided {
+        let cond = v.narrow(0, 0, b)?;
+        let uncond = v.narrow(0, b, b)?;
+        Ok((&uncond + ((cond - &uncond)? * guidance)?)?)
+    } else {
+        Ok(v)
+    }
+}
+
+/// Tokens per DiT call when windows are batched together.
+const WINDOW_BATCH_TOKENS: usize = 8192;
+
+/// The velocity of the whole latent from overlapping windows, blended. Windows of equal size
+/// are batched. Positions start at 0 in every window: RoPE attention depends only on position
+/// differences, so this equals using each window's absolute offsets.
+fn windowed_velocity(
+    model: &WanModel,
+    latents: &Tensor,
+    t: f32,
+    ctx: &Tensor,
+    guidance: f64,
+    plan: &WindowPlan,
+) -> Result<Tensor> {
+    let dims = latents.dims5()?;
+    let mut blender = Blender::new([dims.0, dims.1, dims.2, dims.3, dims.4]);
+    let p = model.transformer.config().patch_size;
+    let mut groups: std::collections::BTreeMap<
+        (usize, usize, usize),
+        Vec<[(usize, usize, usize); 3]>,
+    > = Default::default();
+    for win in plan.windows() {
+        groups
+            .entry((win[0].2, win[1].2, win[2].2))
+            .or_default()
+            .push(win);
+    }
+    for ((tn, hn, wn), wins) in groups {
+        let tokens = (tn / p[0]) * (hn / p[1]) * (wn / p[2]);
+        let per = (WINDOW_BATCH_TOKENS / tokens.max(1)).max(1);
+        for chunk in wins.chunks(per) {
+            let xs = chunk
+                .iter()
+                .map(|w| {
+                    latents
+                        .narrow(2, w[0].1, tn)?
+                        .narrow(3, w[1].1, hn)?
+                        .narrow(4, w[2].1, wn)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let x = Tensor::cat(&xs, 0)?;
+            let v = guided_velocity(model, &x, t, ctx, guidance)?;
+            for (i, w) in chunk.iter().enumerate() {
+                blender.add(
+                    &v.narrow(0, i, 1)?,
+                    (w[0].1, w[1].1, w[2].1),
+                    &plan.t.weights(w[0].0),
+                    &plan.h.weights(w[1].0),
+                    &plan.w.weights(w[2].0),
+                )?;
+            }
+        }
+    }
+    blender.finish(latents.device())
+}
+
 /// Runs a generation: encodes the prompts, denoises from `init_noise` (or the seeded noise),
 /// and streams decoded video chunks `[3, n, H, W]` in [-1, 1] to `sink` in order.
 pub fn generate(
@@ -200,27 +323,14 @@ pub fn generate(
     let mut sampler = sched::build(req.sampler, &model.scheduler, req.steps, req.shift);
     let timesteps = sampler.timesteps().to_vec();
     obs.stage("denoise", timesteps.len() as u64);
-    let batch = if guided { 2 } else { 1 };
+    let plan = window_plan(model, req, latents.dims())?;
     for t in timesteps {
         if cancel() {
             bail!("interrupted");
         }
-        let x = if guided {
-            Tensor::cat(&[&latents, &latents], 0)?
-        } else {
-            latents.clone()
-        };
-        let tt = Tensor::full(t, batch, &model.device)?;
-        let v = model
-            .transformer
-            .forward_embedded(&x, &tt, &ctx, (0, 0, 0))
-            .context("denoising step")?;
-        let v = if guided {
-            let cond = v.narrow(0, 0, 1)?;
-            let uncond = v.narrow(0, 1, 1)?;
-            (&uncond + ((cond - &uncond)? * req.guidance)?)?
-        } else {
-            v
+        let v = match &plan {
+            None => guided_velocity(model, &latents, t, &ctx, req.guidance)?,
+            Some(p) => windowed_velocity(model, &latents, t, &ctx, req.guidance, p)?,
         };
         latents = sampler.step(&v, &latents)?;
         obs.advance(1);

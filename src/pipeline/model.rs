@@ -39,6 +39,17 @@ pub struct ModelDefaults {
     /// Maximum text tokens (512 for Wan).
     #[serde(default = "default_text_len")]
     pub text_len: usize,
+    /// Longest clip (frames) denoised in one window; longer clips use overlapping temporal
+    /// windows of this length. Default: `frames`.
+    #[serde(default)]
+    pub window_frames: Option<usize>,
+    /// Frames shared by neighbouring windows. Default: about a third of the window.
+    #[serde(default)]
+    pub overlap_frames: Option<usize>,
+    /// Native frame side in pixels: frames more than twice as large (in either axis) are
+    /// denoised in overlapping tiles of this size. `None`: no automatic tiling.
+    #[serde(default)]
+    pub tile_px: Option<usize>,
 }
 
 fn default_text_len() -> usize {
@@ -59,6 +70,9 @@ impl ModelDefaults {
             frames: 81,
             negative_prompt: WAN_NEGATIVE_PROMPT.to_string(),
             text_len: 512,
+            window_frames: Some(81),
+            overlap_frames: Some(33),
+            tile_px: None,
         }
     }
 }

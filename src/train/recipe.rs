@@ -526,6 +526,9 @@ pub fn export(r: &Recipe, dir: &Path) -> Result<()> {
                 frames: r.frames,
                 negative_prompt: String::new(),
                 text_len: r.text_len,
+                window_frames: Some(r.frames),
+                overlap_frames: Some((r.frames - 1) / 2),
+                tile_px: Some(r.width.min(r.height)),
             },
         },
     )?;
