@@ -279,6 +279,91 @@ fn windowed_velocity(
     blender.finish(latents.device())
 }
 
+/// Pixel area above which the VAE decodes in spatial tiles.
+pub const DECODE_TILE_ABOVE: usize = 512 * 512;
+/// Decode tile side and overlap in pixels.
+pub const DECODE_TILE_PX: usize = 256;
+pub const DECODE_OVERLAP_PX: usize = 32;
+
+/// Decode tiles `(size, overlap)` in latent cells for a `width`×`height` frame, or `None` to
+/// decode whole frames.
+pub fn decode_tiles(model: &WanModel, width: usize, height: usize) -> Option<(usize, usize)> {
+    if width * height <= DECODE_TILE_ABOVE {
+        return None;
+    }
+    let f = model.vae.config().spatial_factor();
+    Some((DECODE_TILE_PX / f, (DECODE_OVERLAP_PX / f).max(1)))
+}
+
+/// A streaming VAE decode, whole-frame or in overlapping spatial tiles (each with its own
+/// causal cache, advanced in lockstep and blended with linear ramps in pixel space), so the
+/// memory of a decode step is bounded by the tile, not the frame.
+pub struct TiledDecode<'a> {
+    streams: Vec<(crate::models::wan::vae::VaeDecodeStream<'a>, [(usize, usize, usize); 2])>,
+    h: Option<AxisWindows>,
+    w: Option<AxisWindows>,
+    pixels: (usize, usize),
+    /// Pixels per latent cell.
+    f: usize,
+}
+
+impl<'a> TiledDecode<'a> {
+    /// `z`: VAE-space latents `[1, C, T, h, w]`.
+    pub fn new(model: &'a WanModel, z: &Tensor, tiles: Option<(usize, usize)>) -> Result<Self> {
+        let (_, _, _, lh, lw) = z.dims5()?;
+        let f = model.vae.config().spatial_factor();
+        let (ha, wa) = match tiles {
+            Some((tile, ov)) => (AxisWindows::new(lh, tile, ov, 1)?, AxisWindows::new(lw, tile, ov, 1)?),
+            None => (AxisWindows::whole(lh), AxisWindows::whole(lw)),
+        };
+        let mut streams = Vec::new();
+        for hi in 0..ha.count() {
+            for wi in 0..wa.count() {
+                let (h0, hn, w0, wn) = (ha.starts[hi], ha.size(hi), wa.starts[wi], wa.size(wi));
+                let zt = z.narrow(3, h0, hn)?.narrow(4, w0, wn)?;
+                streams.push((model.vae.decode_stream(&zt)?, [(hi, h0, hn), (wi, w0, wn)]));
+            }
+        }
+        let px = |a: &AxisWindows| AxisWindows {
+            len: a.len * f,
+            win: a.win * f,
+            starts: a.starts.iter().map(|s| s * f).collect(),
+        };
+        let tiled = streams.len() > 1;
+        Ok(Self {
+            streams,
+            h: tiled.then(|| px(&ha)),
+            w: tiled.then(|| px(&wa)),
+            pixels: (lh * f, lw * f),
+            f,
+        })
+    }
+
+    /// The next decoded chunk `[3, n, H, W]` in [-1, 1], or `None` when done.
+    pub fn next_chunk(&mut self) -> Result<Option<Tensor>> {
+        let (Some(ha), Some(wa)) = (&self.h, &self.w) else {
+            let (stream, _) = &mut self.streams[0];
+            return Ok(stream.next_chunk()?.map(|c| c.get(0)).transpose()?);
+        };
+        let mut blender: Option<Blender> = None;
+        let dev = Device::Cpu;
+        for (stream, [(hi, h0, _), (wi, w0, _)]) in self.streams.iter_mut() {
+            let Some(chunk) = stream.next_chunk()? else {
+                return Ok(None);
+            };
+            let chunk = chunk.to_device(&dev)?;
+            let (_, c, n, _, _) = chunk.dims5()?;
+            let b = blender.get_or_insert_with(|| Blender::new([1, c, n, self.pixels.0, self.pixels.1]));
+            let ones = vec![1f32; n];
+            b.add(&chunk, (0, *h0 * self.f, *w0 * self.f), &ones, &ha.weights(*hi), &wa.weights(*wi))?;
+        }
+        match blender {
+            Some(b) => Ok(Some(b.finish(&dev)?.get(0)?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Runs a generation: encodes the prompts, denoises from `init_noise` (or the seeded noise),
 /// and streams decoded video chunks `[3, n, H, W]` in [-1, 1] to `sink` in order.
 pub fn generate(
@@ -343,12 +428,11 @@ pub fn generate(
         .vae
         .denormalize_latents(&latents.to_dtype(model.dtype)?)?;
     obs.stage("decode", req.frames as u64);
-    let mut stream = model.vae.decode_stream(&z)?;
-    while let Some(chunk) = stream.next_chunk()? {
+    let mut decoder = TiledDecode::new(model, &z, decode_tiles(model, req.width, req.height))?;
+    while let Some(chunk) = decoder.next_chunk()? {
         if cancel() {
             bail!("interrupted");
         }
-        let chunk = chunk.get(0)?;
         let n = chunk.dim(1)? as u64;
         sink(&chunk)?;
         obs.advance(n);
