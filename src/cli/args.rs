@@ -214,6 +214,14 @@ pub struct GenArgs {
     #[arg(long, value_name = "DIR")]
     pub frames_out: Option<PathBuf>,
 
+    /// Print the plan (latent grid, windows, memory per stage, estimated time) and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Run even when the estimated memory exceeds what is available.
+    #[arg(long)]
+    pub force: bool,
+
     /// No progress bars or summaries: only results (also the case when stdout is not a terminal).
     #[arg(short, long)]
     pub quiet: bool,

@@ -16,6 +16,9 @@ use super::plan::{
     parse_res, read_prompt_file, resolve_job, Item, Job, ModelRules, OutputKind, Overrides,
 };
 use super::progress::Bars;
+use crate::pipeline::estimate::{
+    available_memory, estimate, fmt_bytes, measure_gemm_gflops, Estimate, ModelInfo,
+};
 use crate::pipeline::{generate, Timings, WanModel};
 use crate::video::{tensor_to_frames, write_png, AtomicOutput, Mp4Writer};
 
@@ -267,20 +270,23 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
         None => None,
     };
 
-    let t_load = Instant::now();
     let dir = usage(resolve_model(a.model.as_deref(), a.offline, bars_visible))?;
-    let mut load_bars = Bars::new(bars_visible, String::new());
-    crate::pipeline::Observer::stage(&mut load_bars, "loading model", 0);
-    let model = usage(WanModel::load(&dir, &device, dtype))?;
-    crate::pipeline::Observer::stage_done(&mut load_bars, "loading model", t_load.elapsed());
-    let load_secs = t_load.elapsed().as_secs_f64();
+    let info = usage(ModelInfo::from_dir(&dir))?;
     let rules = ModelRules {
-        defaults: model.defaults.clone(),
-        grid: model.spatial_grid(),
-        temporal: model.temporal_factor(),
-        latent_px: model.vae.config().spatial_factor(),
-        default_shift: model.default_shift(),
+        defaults: info.defaults.clone(),
+        grid: info.spatial_grid(),
+        temporal: info.vae.temporal_factor(),
+        latent_px: info.vae.spatial_factor(),
+        default_shift: info.default_shift,
     };
+    let weight_bytes = match dtype {
+        DType::F32 => 4,
+        _ => 2,
+    };
+    let gemm_gflops = measure_gemm_gflops();
+    // Loaded on first use, so --dry-run and plans refused up front never load weights.
+    let mut model: Option<WanModel> = None;
+    let mut load_secs = 0.0;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -345,6 +351,49 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
             );
             continue;
         }
+        let est = estimate(&info, &job.request, weight_bytes, gemm_gflops);
+        if a.dry_run {
+            print_plan(&printer, &job, &est, &info);
+            continue;
+        }
+        if let Some(avail) = available_memory() {
+            if est.peak_bytes > avail && !a.force {
+                let msg = format!(
+                    "{} would need about {} of memory (weights {}, denoising {}, decoding {}) but {} is available: \
+try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --res; --force runs anyway",
+                    job.out.display(),
+                    fmt_bytes(est.peak_bytes),
+                    fmt_bytes(est.weights_bytes),
+                    fmt_bytes(est.denoise_bytes),
+                    fmt_bytes(est.decode_bytes),
+                    fmt_bytes(avail),
+                    info.spatial_grid() * 16
+                );
+                if !batch {
+                    return Err(UsageError(anyhow::anyhow!(msg)).into());
+                }
+                failed += 1;
+                printer.error(&msg);
+                printer.result(
+                    json!({"index": index, "line": job.line, "status": "error", "error": msg}),
+                    format!("item {}: error: {msg}", index + 1),
+                );
+                continue;
+            }
+        }
+        if model.is_none() {
+            let t_load = Instant::now();
+            let mut load_bars = Bars::new(bars_visible, String::new());
+            crate::pipeline::Observer::stage(&mut load_bars, "loading model", 0);
+            model = Some(usage(WanModel::load(&dir, &device, dtype))?);
+            crate::pipeline::Observer::stage_done(
+                &mut load_bars,
+                "loading model",
+                t_load.elapsed(),
+            );
+            load_secs = t_load.elapsed().as_secs_f64();
+        }
+        let model = model.as_ref().expect("loaded above");
         if !noted_grid && (job.request.width, job.request.height) != (job.width, job.height) {
             printer.note(&format!(
                 "note: the model works on a {}-pixel grid: generating {}×{} and cropping to {}×{}",
@@ -366,11 +415,11 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
         let mut bars = Bars::new(bars_visible, prefix);
         let t0 = Instant::now();
         let cancel = || interrupted.load(Ordering::SeqCst);
-        match run_job(&model, &job, &a, init_noise.as_ref(), &mut bars, &cancel) {
+        match run_job(model, &job, &a, init_noise.as_ref(), &mut bars, &cancel) {
             Ok(timings) => {
                 let secs = t0.elapsed().as_secs_f64();
                 if a.sidecar {
-                    if let Err(e) = write_sidecar(&job, &model, &timings) {
+                    if let Err(e) = write_sidecar(&job, model, &timings) {
                         printer.error(&format!("{e:#}"));
                     }
                 }
@@ -440,6 +489,49 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
         ));
     }
     Ok(if failed > 0 { EXIT_FAILED } else { EXIT_OK })
+}
+
+/// Prints a job's plan (`--dry-run`): grid, windows, memory per stage, estimated time.
+fn print_plan(printer: &Printer, job: &Job, e: &Estimate, info: &ModelInfo) {
+    let r = &job.request;
+    let text = format!(
+        "plan for {}: {} frames {}×{} (generated {}×{}, {} frames) @ {} fps, {} steps, cfg {}\n\
+  latent {}×{}×{}×{} (C×T×H×W); {} window(s) of {} tokens; VAE decode in {} tile(s)\n\
+  memory: weights {}, text encode {}, denoise {}, decode {}; peak ≈ {}\n\
+  time on this machine ≈ {:.0} s (denoise {:.0} s for {:.2} TFLOP, decode {:.0} s for {:.2} TFLOP)",
+        job.out.display(),
+        job.write_frames,
+        job.width,
+        job.height,
+        r.width,
+        r.height,
+        r.frames,
+        job.fps,
+        r.steps,
+        r.guidance,
+        e.latent[0],
+        e.latent[1],
+        e.latent[2],
+        e.latent[3],
+        e.windows,
+        e.tokens_per_window,
+        e.decode_tiles,
+        fmt_bytes(e.weights_bytes),
+        fmt_bytes(e.text_encode_bytes),
+        fmt_bytes(e.denoise_bytes),
+        fmt_bytes(e.decode_bytes),
+        fmt_bytes(e.peak_bytes),
+        e.total_secs,
+        e.denoise_secs,
+        e.denoise_tflop,
+        e.decode_secs,
+        e.decode_tflop,
+    );
+    printer.result(
+        json!({"index": job.index, "status": "plan", "path": job.out, "model": info.name, "width": job.width, "height": job.height,
+               "frames": job.write_frames, "generated_frames": r.frames, "estimate": e}),
+        text,
+    );
 }
 
 fn settings_json(job: &Job, model: &WanModel) -> serde_json::Value {

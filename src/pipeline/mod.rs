@@ -2,6 +2,7 @@
 //! guided denoising loop, and the streamed VAE decode. Reports progress through [`Observer`]
 //! and hands decoded frames to a caller-supplied sink; it never prints or writes files.
 
+pub mod estimate;
 pub mod model;
 pub mod window;
 
@@ -299,7 +300,10 @@ pub fn decode_tiles(model: &WanModel, width: usize, height: usize) -> Option<(us
 /// causal cache, advanced in lockstep and blended with linear ramps in pixel space), so the
 /// memory of a decode step is bounded by the tile, not the frame.
 pub struct TiledDecode<'a> {
-    streams: Vec<(crate::models::wan::vae::VaeDecodeStream<'a>, [(usize, usize, usize); 2])>,
+    streams: Vec<(
+        crate::models::wan::vae::VaeDecodeStream<'a>,
+        [(usize, usize, usize); 2],
+    )>,
     h: Option<AxisWindows>,
     w: Option<AxisWindows>,
     pixels: (usize, usize),
@@ -313,7 +317,10 @@ impl<'a> TiledDecode<'a> {
         let (_, _, _, lh, lw) = z.dims5()?;
         let f = model.vae.config().spatial_factor();
         let (ha, wa) = match tiles {
-            Some((tile, ov)) => (AxisWindows::new(lh, tile, ov, 1)?, AxisWindows::new(lw, tile, ov, 1)?),
+            Some((tile, ov)) => (
+                AxisWindows::new(lh, tile, ov, 1)?,
+                AxisWindows::new(lw, tile, ov, 1)?,
+            ),
             None => (AxisWindows::whole(lh), AxisWindows::whole(lw)),
         };
         let mut streams = Vec::new();
@@ -353,9 +360,16 @@ impl<'a> TiledDecode<'a> {
             };
             let chunk = chunk.to_device(&dev)?;
             let (_, c, n, _, _) = chunk.dims5()?;
-            let b = blender.get_or_insert_with(|| Blender::new([1, c, n, self.pixels.0, self.pixels.1]));
+            let b = blender
+                .get_or_insert_with(|| Blender::new([1, c, n, self.pixels.0, self.pixels.1]));
             let ones = vec![1f32; n];
-            b.add(&chunk, (0, *h0 * self.f, *w0 * self.f), &ones, &ha.weights(*hi), &wa.weights(*wi))?;
+            b.add(
+                &chunk,
+                (0, *h0 * self.f, *w0 * self.f),
+                &ones,
+                &ha.weights(*hi),
+                &wa.weights(*wi),
+            )?;
         }
         match blender {
             Some(b) => Ok(Some(b.finish(&dev)?.get(0)?)),

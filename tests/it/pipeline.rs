@@ -196,7 +196,10 @@ fn pipeline_tiled_decode_matches_whole_frame_decode_closely() {
         while let Some(c) = d.next_chunk().unwrap() {
             chunks.push(c);
         }
-        assert_eq!(chunks.iter().map(|c| c.dim(1).unwrap()).collect::<Vec<_>>(), vec![1, 4, 4]);
+        assert_eq!(
+            chunks.iter().map(|c| c.dim(1).unwrap()).collect::<Vec<_>>(),
+            vec![1, 4, 4]
+        );
         Tensor::cat(&chunks, 1).unwrap()
     };
     let whole = collect(None);
