@@ -379,6 +379,9 @@ pub fn resolve_job(
     })
 }
 
+/// A window or tile `(size, overlap)` in latent units.
+pub type Span = (usize, usize);
+
 /// Latent frames of `frames` pixel frames.
 fn latent_frames(frames: usize, temporal: usize) -> usize {
     (frames.max(1) - 1) / temporal + 1
@@ -393,12 +396,12 @@ pub fn windows_for(
     frames: usize,
     w: usize,
     h: usize,
-) -> Result<(Option<(usize, usize)>, Option<(usize, usize)>)> {
+) -> Result<(Option<Span>, Option<Span>)> {
     let d = &rules.defaults;
     let tf = rules.temporal;
     let native = d.window_frames.unwrap_or(d.frames);
     let win_frames = o.window.unwrap_or(native);
-    if win_frames == 0 || (win_frames - 1) % tf != 0 {
+    if win_frames == 0 || !(win_frames - 1).is_multiple_of(tf) {
         bail!("--window {win_frames} must be 1 + {tf}·k frames");
     }
     let overlap = o

@@ -241,10 +241,8 @@ fn windowed_velocity(
     let dims = latents.dims5()?;
     let mut blender = Blender::new([dims.0, dims.1, dims.2, dims.3, dims.4]);
     let p = model.transformer.config().patch_size;
-    let mut groups: std::collections::BTreeMap<
-        (usize, usize, usize),
-        Vec<[(usize, usize, usize); 3]>,
-    > = Default::default();
+    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<window::Window>> =
+        Default::default();
     for win in plan.windows() {
         groups
             .entry((win[0].2, win[1].2, win[2].2))
@@ -302,7 +300,7 @@ pub fn decode_tiles(model: &WanModel, width: usize, height: usize) -> Option<(us
 pub struct TiledDecode<'a> {
     streams: Vec<(
         crate::models::wan::vae::VaeDecodeStream<'a>,
-        [(usize, usize, usize); 2],
+        [window::Span; 2],
     )>,
     h: Option<AxisWindows>,
     w: Option<AxisWindows>,

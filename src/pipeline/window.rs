@@ -28,7 +28,7 @@ impl AxisWindows {
     }
 
     pub fn new(len: usize, win: usize, overlap: usize, align: usize) -> Result<Self> {
-        if win == 0 || win % align != 0 {
+        if win == 0 || !win.is_multiple_of(align) {
             bail!("window size {win} must be a positive multiple of {align}");
         }
         if win >= len {
@@ -93,6 +93,11 @@ impl AxisWindows {
     }
 }
 
+/// One axis of one window: `(index among the axis's windows, start, size)`.
+pub type Span = (usize, usize, usize);
+/// A window: its (t, h, w) spans.
+pub type Window = [Span; 3];
+
 /// Windows over (t, h, w) of a latent `[B, C, T, H, W]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowPlan {
@@ -107,7 +112,7 @@ impl WindowPlan {
     }
 
     /// Every window as `((t0, tn), (h0, hn), (w0, wn))` with its index per axis.
-    pub fn windows(&self) -> Vec<[(usize, usize, usize); 3]> {
+    pub fn windows(&self) -> Vec<Window> {
         let mut v = Vec::with_capacity(self.count());
         for ti in 0..self.t.count() {
             for hi in 0..self.h.count() {
@@ -161,10 +166,10 @@ impl Blender {
         let data: Vec<f32> = v.flatten_all()?.to_vec1()?;
         let [_, _, t, h, w] = self.dims;
         let (t0, h0, w0) = at;
-        for ti in 0..tn {
-            for hi in 0..hn {
-                for wi in 0..wn {
-                    let wgt = wt[ti] * wh[hi] * ww[wi];
+        for (ti, wti) in wt.iter().enumerate().take(tn) {
+            for (hi, whi) in wh.iter().enumerate().take(hn) {
+                for (wi, wwi) in ww.iter().enumerate().take(wn) {
+                    let wgt = wti * whi * wwi;
                     let cell = ((t0 + ti) * h + h0 + hi) * w + w0 + wi;
                     self.wsum[cell] += wgt;
                     for bc in 0..b * c {
