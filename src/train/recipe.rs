@@ -100,9 +100,9 @@ impl Recipe {
             text,
             dit,
             text_len: 16,
-            vae_steps: 300,
+            vae_steps: 900,
             vae_batch: 4,
-            vae_lr: 1e-3,
+            vae_lr: 2e-3,
             clips: 1500,
             dit_steps: 1800,
             dit_batch: 8,
@@ -242,20 +242,44 @@ pub fn train_vae(
     std::fs::create_dir_all(&work)?;
     let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
         let mut rng = step_rng(r.seed, 1, step);
-        let (x, _) = render_batch(&mut rng, r, r.vae_frames, r.vae_batch, &dev)?;
-        let (cy, cx) = (
-            rng.random_range(0..=r.height - r.vae_crop),
-            rng.random_range(0..=r.width - r.vae_crop),
-        );
-        let x = x
-            .narrow(3, cy, r.vae_crop)?
-            .narrow(4, cx, r.vae_crop)?
-            .contiguous()?;
+        let (x, scenes) = render_batch(&mut rng, r, r.vae_frames, r.vae_batch, &dev)?;
+        // Crops around the first object's centre in the middle frame (jittered), so every
+        // crop has object pixels and not just background.
+        let mut crops = Vec::with_capacity(scenes.len());
+        for (i, s) in scenes.iter().enumerate() {
+            let (cx, cy) = s.objects[0].center_at(r.vae_frames / 2);
+            let half = r.vae_crop as f32 / 2.0;
+            let jitter = r.vae_crop as f32 / 4.0;
+            let pick = |c: f32, len: usize, rng: &mut ChaCha8Rng| {
+                let j: f32 = rng.random_range(-jitter..=jitter);
+                ((c - half + j).round().max(0.0) as usize).min(len - r.vae_crop)
+            };
+            let (x0, y0) = (pick(cx, r.width, &mut rng), pick(cy, r.height, &mut rng));
+            crops.push(
+                x.get(i)?
+                    .narrow(2, y0, r.vae_crop)?
+                    .narrow(3, x0, r.vae_crop)?,
+            );
+        }
+        let x = Tensor::stack(&crops, 0)?.contiguous()?;
         let (mean, _) = vae.encode(&x)?;
         let recon = vae.decode(&mean)?;
+        // Object pixels (those differing from the scene's background colour) weigh 4× more.
+        let bg: Vec<f32> = scenes
+            .iter()
+            .flat_map(|s| s.background.rgb().map(|v| v as f32 / 127.5 - 1.0))
+            .collect();
+        let bg = Tensor::from_vec(bg, (scenes.len(), 3, 1, 1, 1), &dev)?;
+        let obj = x
+            .broadcast_sub(&bg)?
+            .abs()?
+            .sum_keepdim(1)?
+            .gt(0.05)?
+            .to_dtype(DType::F32)?;
+        let weight = ((obj * 3.0)? + 1.0)?;
         let diff = (recon - &x)?;
-        let l1 = diff.abs()?.mean_all()?;
-        let l2 = diff.sqr()?.mean_all()?;
+        let l1 = diff.abs()?.broadcast_mul(&weight)?.mean_all()?;
+        let l2 = diff.sqr()?.broadcast_mul(&weight)?.mean_all()?;
         let reg = (mean.sqr()?.mean_all()? * 1e-4)?;
         Ok(((l1 + l2)? + reg)?)
     })?;

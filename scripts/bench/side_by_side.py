@@ -1,0 +1,149 @@
+"""Side-by-side: diffusers (PyTorch) and sora on the same random-weight Wan checkpoint, the same
+settings, the same machine, in the same run, 2 threads each.
+
+Builds a mid-sized Wan2.1-architecture checkpoint (DiT 512 wide × 4 layers, UMT5 512 × 4,
+VAE base 32) in the diffusers layout, runs WanPipeline and `sora gen` on it with injected noise,
+and prints sora/PyTorch ratios for the DiT step, the VAE decode, end to end, and peak memory,
+plus the DiT step's GFLOP/s against the machine's best f32 GEMM (torch, 2048³).
+
+  /opt/refvenv/bin/python scripts/bench/side_by_side.py [--sora target/release/sora] [--res 256x256] [--frames 17] [--steps 20]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+
+
+def build(dirname):
+    torch.manual_seed(0)
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "reference"))
+    from ref_umt5 import build_tokenizer  # the fixture tokenizer (word level)
+
+    tok = build_tokenizer()
+    tok.save_pretrained(os.path.join(dirname, "tokenizer"))
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=4,
+                                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)).eval()
+    te.save_pretrained(os.path.join(dirname, "text_encoder"), safe_serialization=True)
+    dit = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=16,
+                                out_channels=16, text_dim=512, freq_dim=256, ffn_dim=2048, num_layers=4,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).eval()
+    dit.save_pretrained(os.path.join(dirname, "transformer"), safe_serialization=True)
+    vae = AutoencoderKLWan(base_dim=32, z_dim=16).eval()
+    vae.save_pretrained(os.path.join(dirname, "vae"), safe_serialization=True)
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=3.0, solver_order=2)
+    sched.save_pretrained(os.path.join(dirname, "scheduler"))
+    with open(os.path.join(dirname, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "WanPipeline"}, f)
+    return tok, te, dit, vae, sched
+
+
+def gemm_gflops():
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    a @ b
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
+def dit_flops(tokens, ctx, d=512, ffn=2048, layers=4):
+    per = 2 * (6 * d * d + 2 * d * ffn) + 4 * d * (tokens + ctx)
+    return tokens * layers * per
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sora", default=os.path.join(ROOT, "target", "release", "sora"))
+    ap.add_argument("--res", default="256x256")
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    w, h = map(int, args.res.split("x"))
+    torch.set_num_threads(2)
+    work = tempfile.mkdtemp(prefix="sora-sbs-")
+    model = os.path.join(work, "model")
+    tok, te, dit, vae, sched = build(model)
+    noise = torch.randn(1, 16, (args.frames - 1) // 4 + 1, h // 8, w // 8, generator=torch.Generator().manual_seed(1))
+    save_file({"latents": noise}, os.path.join(work, "noise.safetensors"))
+    prompt, negative = "a red circle moving right on a black background", "blurry"
+
+    # PyTorch: time the transformer calls and the VAE decode inside one pipeline run.
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, transformer=dit, vae=vae, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    dit_times, dec_times = [], []
+    orig_fwd, orig_dec = dit.forward, vae.decode
+
+    def timed_fwd(*a, **k):
+        t = time.perf_counter()
+        r = orig_fwd(*a, **k)
+        dit_times.append(time.perf_counter() - t)
+        return r
+
+    def timed_dec(*a, **k):
+        t = time.perf_counter()
+        r = orig_dec(*a, **k)
+        dec_times.append(time.perf_counter() - t)
+        return r
+
+    dit.forward, vae.decode = timed_fwd, timed_dec
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pipe(prompt=prompt, negative_prompt=negative, height=h, width=w, num_frames=args.frames,
+             num_inference_steps=args.steps, guidance_scale=5.0, latents=noise.clone(), max_sequence_length=64,
+             output_type="np")
+    torch_total = time.perf_counter() - t0
+    torch_step = sum(dit_times) / args.steps  # a guided step = 2 transformer calls
+    torch_decode = sum(dec_times)
+    torch_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # sora: same checkpoint, same noise, 2 threads.
+    with open(os.path.join(model, "sora.json"), "w") as f:
+        json.dump({"name": "side-by-side", "defaults": {"steps": args.steps, "guidance": 5.0, "shift": 3.0, "sampler": "unipc",
+                   "fps": 16, "width": w, "height": h, "frames": args.frames, "negative_prompt": negative, "text_len": 64}}, f)
+    cmd = [args.sora, "gen", "--model", model, "--prompt", prompt, "--init-noise", os.path.join(work, "noise.safetensors"),
+           "--threads", "2", "--json", "-o", os.path.join(work, "sora.mp4")]
+    t0 = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, check=True)
+    sora_total = time.perf_counter() - t0
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    sora_peak = int(out.stderr.strip().splitlines()[-1]) / 1024
+    sora_step = res["timings"]["denoise"] / args.steps
+    sora_decode = res["timings"]["decode_and_write"]
+
+    tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
+    flops = 2 * dit_flops(tokens, 64)  # guided: two passes
+    peak = gemm_gflops()
+    rows = [
+        ("DiT guided step (s)", torch_step, sora_step),
+        ("VAE decode (s)", torch_decode, sora_decode),
+        ("end to end (s)", torch_total, sora_total),
+        ("peak memory (MiB)", torch_peak, sora_peak),
+    ]
+    print(f"{'':24}{'PyTorch':>10}{'sora':>10}{'sora/PyTorch':>14}")
+    for name, a, b in rows:
+        print(f"{name:24}{a:10.2f}{b:10.2f}{b / a:14.2f}")
+    print(f"DiT step: {tokens} tokens, {flops / 1e9:.1f} GFLOP; sora {flops / sora_step / 1e9:.0f} GFLOP/s, "
+          f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "
+          f"sora reaches {100 * flops / sora_step / 1e9 / peak:.0f}% of it")
+
+
+if __name__ == "__main__":
+    main()
