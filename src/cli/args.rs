@@ -40,6 +40,8 @@ pub enum TrainStage {
     Vae,
     /// Encode the synthetic dataset into latents with the trained VAE.
     Encode,
+    /// Fine-tune the VAE decoder on full-length clips (encoder frozen).
+    Decoder,
     /// Train the DiT on the latents with captions.
     Dit,
 }

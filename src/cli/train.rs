@@ -14,7 +14,9 @@ use super::args::{EvalArgs, TrainArgs, TrainStage};
 use super::run::{resolve_model, EXIT_INTERRUPTED, EXIT_OK};
 use crate::pipeline::{generate, GenRequest, Silent, WanModel};
 use crate::train::eval::{prompt_suite, score, score_suite};
-use crate::train::recipe::{encode_dataset, run_all, train_dit, train_vae, Recipe, StageOptions};
+use crate::train::recipe::{
+    encode_dataset, finetune_decoder, run_all, train_dit, train_vae, Recipe, StageOptions,
+};
 use crate::train::world::{self, Split};
 use crate::video::{tensor_to_frames, write_png, RgbFrame};
 
@@ -52,6 +54,7 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         TrainStage::All => run_all(&r, dir, &opts, &cancel)?,
         TrainStage::Vae => train_vae(&r, dir, &opts, &cancel)?,
         TrainStage::Encode => encode_dataset(&r, dir, &opts, &cancel)?,
+        TrainStage::Decoder => finetune_decoder(&r, dir, &opts, &cancel)?,
         TrainStage::Dit => train_dit(&r, dir, &opts, &cancel)?,
     };
     if !done {

@@ -43,6 +43,8 @@ pub struct Recipe {
     pub vae_steps: u64,
     pub vae_batch: usize,
     pub vae_lr: f64,
+    /// Steps of decoder fine-tuning on full-length clips (stage 1b).
+    pub decoder_steps: u64,
     pub clips: usize,
     pub dit_steps: u64,
     pub dit_batch: usize,
@@ -103,6 +105,7 @@ impl Recipe {
             vae_steps: 900,
             vae_batch: 4,
             vae_lr: 2e-3,
+            decoder_steps: 150,
             clips: 1500,
             dit_steps: 1800,
             dit_batch: 8,
@@ -127,6 +130,7 @@ impl Recipe {
         r.dit.num_layers = 1;
         r.dit.ffn_dim = 64;
         r.vae_steps = 3;
+        r.decoder_steps = 2;
         r.vae_batch = 2;
         r.clips = 6;
         r.dit_steps = 3;
@@ -294,6 +298,84 @@ pub fn train_vae(
         .collect();
     save_tensors(&weights, &out.join("diffusion_pytorch_model.safetensors"))?;
     write_json(&out.join("config.json"), &vae_config_json(&r.vae))?;
+    Ok(true)
+}
+
+/// Stage 1b: fine-tunes the VAE decoder (encoder frozen, so encoded latents stay valid) on
+/// clips of the full generation length. The causal decoder's caches carry context across
+/// latent frames; trained only on short clips it drifts (colours shift) on later frames of
+/// longer ones. Overwrites `dir/vae/` weights when done.
+pub fn finetune_decoder(
+    r: &Recipe,
+    dir: &Path,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+) -> Result<bool> {
+    let dev = Device::Cpu;
+    let vae_dir = dir.join("vae");
+    let done = dir.join("work-vae-decoder/done");
+    if done.is_file() || r.decoder_steps == 0 {
+        return Ok(true);
+    }
+    let weights = vae_dir.join("diffusion_pytorch_model.safetensors");
+    let cfg: WanVaeConfig = crate::weights::read_config(&vae_dir.join("config.json"))?;
+    crate::nn::set_differentiable(true);
+    let mut varmap = VarMap::new();
+    let vae = AutoencoderKLWan::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    varmap
+        .load(&weights)
+        .with_context(|| format!("cannot load {}", weights.display()))?;
+    let all = params(&varmap);
+    let ps: Params = all
+        .iter()
+        .filter(|(k, _)| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+        .cloned()
+        .collect();
+    let lc = LoopConfig {
+        name: "vae-decoder".into(),
+        steps: r.decoder_steps,
+        lr: r.vae_lr * 0.25,
+        warmup: 10.min(r.decoder_steps),
+        lr_floor: 0.1,
+        clip: 1.0,
+        weight_decay: 0.0,
+        ema: None,
+        ckpt_every: opts.ckpt_every,
+        progress: opts.progress,
+    };
+    let work = dir.join("work-vae-decoder");
+    std::fs::create_dir_all(&work)?;
+    let outcome = train_loop(&lc, &ps, &work, cancel, &mut |step| {
+        let mut rng = step_rng(r.seed, 5, step);
+        let (x, scenes) = render_batch(&mut rng, r, r.frames, 2, &dev)?;
+        let mut crops = Vec::with_capacity(scenes.len());
+        for (i, s) in scenes.iter().enumerate() {
+            let (cx, cy) = s.objects[0].center_at(r.frames / 2);
+            let half = r.vae_crop as f32 / 2.0;
+            let x0 = ((cx - half).round().max(0.0) as usize).min(r.width - r.vae_crop);
+            let y0 = ((cy - half).round().max(0.0) as usize).min(r.height - r.vae_crop);
+            crops.push(
+                x.get(i)?
+                    .narrow(2, y0, r.vae_crop)?
+                    .narrow(3, x0, r.vae_crop)?,
+            );
+        }
+        let x = Tensor::stack(&crops, 0)?.contiguous()?;
+        let (mean, _) = vae.encode(&x.detach())?;
+        let recon = vae.decode(&mean.detach())?;
+        let diff = (recon - &x)?;
+        Ok((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?)
+    })?;
+    crate::nn::set_differentiable(false);
+    if !outcome.finished {
+        return Ok(false);
+    }
+    let w: HashMap<String, Tensor> = all
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors(&w, &weights)?;
+    std::fs::write(&done, "")?;
     Ok(true)
 }
 
@@ -570,6 +652,7 @@ pub fn run_all(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(train_vae(r, dir, opts, cancel)?
         && encode_dataset(r, dir, opts, cancel)?
+        && finetune_decoder(r, dir, opts, cancel)?
         && train_dit(r, dir, opts, cancel)?
         && {
             export(r, dir)?;

@@ -547,3 +547,83 @@ fn cli_help_lists_flags_and_examples() {
         assert!(stdout.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn cli_bundled_model_is_the_default_and_deterministic() {
+    let d = tmp("bundled");
+    let mut runs = Vec::new();
+    for i in 0..2 {
+        let fd = d.join(format!("frames-{i}"));
+        let out = d.join(format!("b{i}.mp4"));
+        let (code, _, stderr) = run(sora()
+            .args([
+                "gen",
+                "--prompt",
+                "a red circle moving right on a black background",
+                "--seed",
+                "7",
+                "--frames-out",
+            ])
+            .arg(&fd)
+            .arg("-o")
+            .arg(&out));
+        assert_eq!(code, 0, "{stderr}");
+        let p = probe(&out);
+        let s = &p["streams"][0];
+        assert_eq!(
+            (s["width"].as_u64(), s["height"].as_u64()),
+            (Some(64), Some(64))
+        );
+        assert_eq!(s["nb_read_frames"], "17");
+        assert_eq!(s["r_frame_rate"], "8/1");
+        assert_eq!(p["format"]["duration"], "2.125000");
+        runs.push(read_frames(&fd, 17));
+    }
+    assert!(
+        runs[0] == runs[1],
+        "the bundled model is not deterministic for a seed"
+    );
+}
+
+#[test]
+fn cli_long_clip_uses_temporal_windows_and_is_exact() {
+    let d = tmp("long");
+    let out = d.join("long.mp4");
+    let (code, stdout, stderr) = run(sora()
+        .args([
+            "gen",
+            "--prompt",
+            "a blue square moving up on a gray background",
+            "--secs",
+            "6",
+            "--steps",
+            "4",
+            "--json",
+            "-o",
+        ])
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["frames"], 48);
+    let p = probe(&out);
+    assert_eq!(p["streams"][0]["nb_read_frames"], "48");
+    assert_eq!(p["format"]["duration"], "6.000000");
+    // The plan: 49 generated frames = 13 latent frames in windows of 5.
+    let (code, stdout, _) = run(sora()
+        .args([
+            "gen",
+            "--prompt",
+            "x",
+            "--secs",
+            "6",
+            "--dry-run",
+            "--json",
+            "-o",
+        ])
+        .arg(d.join("p.mp4")));
+    assert_eq!(code, 0);
+    let plan: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(plan["estimate"]["latent"][1], 13);
+    assert!(plan["estimate"]["windows"].as_u64().unwrap() >= 3, "{plan}");
+    assert!(!d.join("p.mp4").exists(), "--dry-run wrote an output");
+}
