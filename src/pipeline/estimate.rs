@@ -64,6 +64,9 @@ impl ModelInfo {
     }
 }
 
+/// Resident memory of the process before any model work (code, FFmpeg, allocator), measured.
+pub const PROCESS_BASE_BYTES: u64 = 48 << 20;
+
 /// Estimated cost of one generation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Estimate {
@@ -162,11 +165,9 @@ pub fn estimate(
     let mut per_frame = lat_px * (conv3(v.z_dim, mid) + 4.0 * conv3(mid, mid));
     let mut scale = 1.0;
     let mut frames = 1.0;
-    let mut widest = 0f64;
     for b in &plan {
         for (ci, co) in &b.resnets {
             per_frame += lat_px * scale * frames * (2.0 * conv3(*ci, *co));
-            widest = widest.max(*co as f64 * scale * frames);
         }
         match b.upsample {
             Some(ResampleMode::Upsample3d) => {
@@ -217,16 +218,39 @@ pub fn estimate(
     } else {
         1
     };
-    // Widest activation (channels × frames at full resolution) times live copies, the im2col
-    // buffer, plus every tile's causal cache (two frames per conv) and one output chunk.
-    let px_full = tile_px / lat_px.max(1.0) * lat_px.min(tile_px);
-    let act = widest / (scale.max(1.0)) * px_full * 4.0 * 6.0;
-    let im2col = (1u64 << 26) as f64 * 4.0;
-    let cache =
-        decode_tiles as f64 * px_full * widest / frames.max(1.0) / scale.max(1.0) * 2.0 * 4.0 * 4.0;
+    // Per tile: the causal caches (two frames of every conv's input, all tiles alive at once),
+    // the widest activation (channels × frames × pixels) times live copies, and the im2col
+    // buffer; plus one blended output chunk.
+    let tile_lat = tile_px / (sf * sf) as f64;
+    let mut cache_elems = 2.0 * (v.z_dim + 4 * mid) as f64 * tile_lat;
+    let mut s = 1.0;
+    let mut fr = 1.0;
+    let mut act_elems = 0f64;
+    for b in &plan {
+        for (ci, co) in &b.resnets {
+            cache_elems += 2.0 * (*ci + *co) as f64 * tile_lat * s;
+            act_elems = act_elems.max(*co as f64 * tile_lat * s * fr);
+        }
+        match b.upsample {
+            Some(ResampleMode::Upsample3d) => {
+                cache_elems += 2.0 * b.out_dim as f64 * tile_lat * s;
+                s *= 4.0;
+                fr *= 2.0;
+            }
+            Some(ResampleMode::Upsample2d) => s *= 4.0,
+            _ => {}
+        }
+    }
+    if let Some(last) = plan.last() {
+        cache_elems += 2.0 * last.out_dim as f64 * tile_lat * s;
+    }
+    let cache = decode_tiles as f64 * cache_elems * 4.0;
+    let act = act_elems * 4.0 * 6.0;
+    let im2col = ((1u64 << 26) as f64 * 4.0).min(act * 4.0);
     let out_chunk = (req.width * req.height * 3 * tf * 4 * 2) as f64;
-    let decode_bytes = (act + im2col.min(act * 4.0) + cache + out_chunk) as u64;
-    let peak_bytes = weights_bytes + text_encode_bytes.max(denoise_bytes).max(decode_bytes);
+    let decode_bytes = (act + im2col + cache + out_chunk) as u64;
+    let peak_bytes =
+        PROCESS_BASE_BYTES + weights_bytes + text_encode_bytes.max(denoise_bytes).max(decode_bytes);
     let denoise_secs = denoise_flop / (gemm_gflops * 1e9 * DIT_EFFICIENCY);
     let decode_secs = decode_flop / (gemm_gflops * 1e9 * VAE_EFFICIENCY);
     Estimate {

@@ -205,6 +205,38 @@ fn render_batch(
     Ok((Tensor::stack(&clips, 0)?, scenes))
 }
 
+/// `[B, 3, F, crop, crop]` crops of clips `x` around each scene's first object at the middle
+/// frame, shifted by up to ±`jitter` pixels (drawn from `rng` when non-zero), inside the frame.
+fn object_crops(
+    x: &Tensor,
+    scenes: &[Scene],
+    r: &Recipe,
+    frames: usize,
+    jitter: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor> {
+    let half = r.vae_crop as f32 / 2.0;
+    let mut pick = |c: f32, len: usize| {
+        let j: f32 = if jitter > 0.0 {
+            rng.random_range(-jitter..=jitter)
+        } else {
+            0.0
+        };
+        ((c - half + j).round().max(0.0) as usize).min(len - r.vae_crop)
+    };
+    let mut crops = Vec::with_capacity(scenes.len());
+    for (i, s) in scenes.iter().enumerate() {
+        let (cx, cy) = s.objects[0].center_at(frames / 2);
+        let (x0, y0) = (pick(cx, r.width), pick(cy, r.height));
+        crops.push(
+            x.get(i)?
+                .narrow(2, y0, r.vae_crop)?
+                .narrow(3, x0, r.vae_crop)?,
+        );
+    }
+    Ok(Tensor::stack(&crops, 0)?.contiguous()?)
+}
+
 /// Options shared by the stages.
 #[derive(Debug, Clone)]
 pub struct StageOptions {
@@ -247,25 +279,15 @@ pub fn train_vae(
     let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
         let mut rng = step_rng(r.seed, 1, step);
         let (x, scenes) = render_batch(&mut rng, r, r.vae_frames, r.vae_batch, &dev)?;
-        // Crops around the first object's centre in the middle frame (jittered), so every
-        // crop has object pixels and not just background.
-        let mut crops = Vec::with_capacity(scenes.len());
-        for (i, s) in scenes.iter().enumerate() {
-            let (cx, cy) = s.objects[0].center_at(r.vae_frames / 2);
-            let half = r.vae_crop as f32 / 2.0;
-            let jitter = r.vae_crop as f32 / 4.0;
-            let pick = |c: f32, len: usize, rng: &mut ChaCha8Rng| {
-                let j: f32 = rng.random_range(-jitter..=jitter);
-                ((c - half + j).round().max(0.0) as usize).min(len - r.vae_crop)
-            };
-            let (x0, y0) = (pick(cx, r.width, &mut rng), pick(cy, r.height, &mut rng));
-            crops.push(
-                x.get(i)?
-                    .narrow(2, y0, r.vae_crop)?
-                    .narrow(3, x0, r.vae_crop)?,
-            );
-        }
-        let x = Tensor::stack(&crops, 0)?.contiguous()?;
+        // Crops around the first object (jittered), so every crop has object pixels.
+        let x = object_crops(
+            &x,
+            &scenes,
+            r,
+            r.vae_frames,
+            r.vae_crop as f32 / 4.0,
+            &mut rng,
+        )?;
         let (mean, _) = vae.encode(&x)?;
         let recon = vae.decode(&mean)?;
         // Object pixels (those differing from the scene's background colour) weigh 4× more.
@@ -348,19 +370,7 @@ pub fn finetune_decoder(
     let outcome = train_loop(&lc, &ps, &work, cancel, &mut |step| {
         let mut rng = step_rng(r.seed, 5, step);
         let (x, scenes) = render_batch(&mut rng, r, r.frames, 2, &dev)?;
-        let mut crops = Vec::with_capacity(scenes.len());
-        for (i, s) in scenes.iter().enumerate() {
-            let (cx, cy) = s.objects[0].center_at(r.frames / 2);
-            let half = r.vae_crop as f32 / 2.0;
-            let x0 = ((cx - half).round().max(0.0) as usize).min(r.width - r.vae_crop);
-            let y0 = ((cy - half).round().max(0.0) as usize).min(r.height - r.vae_crop);
-            crops.push(
-                x.get(i)?
-                    .narrow(2, y0, r.vae_crop)?
-                    .narrow(3, x0, r.vae_crop)?,
-            );
-        }
-        let x = Tensor::stack(&crops, 0)?.contiguous()?;
+        let x = object_crops(&x, &scenes, r, r.frames, 0.0, &mut rng)?;
         let (mean, _) = vae.encode(&x.detach())?;
         let recon = vae.decode(&mean.detach())?;
         let diff = (recon - &x)?;
