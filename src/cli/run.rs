@@ -257,6 +257,12 @@ pub fn run_gen(a: GenArgs) -> Result<i32> {
 
     let device = usage(parse_device(&a.device))?;
     let dtype = dtype_for(a.dtype, &device);
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(UsageError(anyhow::anyhow!(
+            "--dtype bf16 is not supported on the CPU (candle has no bf16 convolution for the VAE): use f32 (the default) or f16"
+        ))
+        .into());
+    }
     let init_noise = match &a.init_noise {
         Some(p) => {
             let m = usage(
