@@ -1,5 +1,5 @@
 //! The one integration-test binary: parity against committed reference fixtures, loading
-//! errors, and (later) the CLI.
+//! errors, the CLI (real binary), windows/tiles, the synthetic world and training.
 
 mod cli;
 mod common;
