@@ -337,34 +337,42 @@ impl UniPc {
         (r, b, h_phi_1, b_h)
     }
 
-    /// Predictor (`multistep_uni_p_bh_update`).
-    fn predict(&self, sample: &Tensor, order: usize) -> Result<Tensor> {
-        let i = self.index;
-        let (sigma_t, sigma_s0) = (self.sigmas[i + 1], self.sigmas[i]);
+    /// What the predictor and corrector share: for the step from sigma index `s0` to `t`, the
+    /// ratios `rk` and differences `D1` of the older model outputs (indices `s0 − k`), the UniPC
+    /// system `(R, b)`, the scale `c` of the correction term, and the first-order update
+    /// `x_t_` of `x` from `m0` (the newest stored output).
+    fn setup(&self, t: usize, s0: usize, x: &Tensor, order: usize, what: &str) -> Result<Setup> {
+        let (sigma_t, sigma_s0) = (self.sigmas[t], self.sigmas[s0]);
         let (alpha_t, alpha_s0) = (1.0 - sigma_t, 1.0 - sigma_s0);
         let lambda_s0 = alpha_s0.ln() - sigma_s0.ln();
         let h = (alpha_t.ln() - sigma_t.ln()) - lambda_s0;
         let m0 = self
             .model_outputs
             .last()
-            .expect("predictor needs a model output");
+            .unwrap_or_else(|| panic!("{what} needs a model output"));
         let mut rks = Vec::new();
         let mut d1s = Vec::new();
         for k in 1..order {
-            let si = i - k;
             let mi = &self.model_outputs[self.model_outputs.len() - 1 - k];
-            let rk = (Self::lambda(self.sigmas[si]) - lambda_s0) / h;
+            let rk = (Self::lambda(self.sigmas[s0 - k]) - lambda_s0) / h;
             rks.push(rk);
             d1s.push(((mi - m0)? / rk as f64)?);
         }
         rks.push(1.0);
         let (r, b, h_phi_1, b_h) = self.coefficients(h, &rks, order);
-        let (x_coef, m_coef) = if self.predict_x0 {
-            (sigma_t / sigma_s0, alpha_t * h_phi_1)
+        let (x_coef, m_coef, c) = if self.predict_x0 {
+            (sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * b_h)
         } else {
-            (alpha_t / alpha_s0, sigma_t * h_phi_1)
+            (alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * b_h)
         };
-        let x_t_ = ((sample * x_coef as f64)? - (m0 * m_coef as f64)?)?;
+        let x_t_ = ((x * x_coef as f64)? - (m0 * m_coef as f64)?)?;
+        Ok(Setup { d1s, r, b, c, x_t_ })
+    }
+
+    /// Predictor (`multistep_uni_p_bh_update`).
+    fn predict(&self, sample: &Tensor, order: usize) -> Result<Tensor> {
+        let i = self.index;
+        let Setup { d1s, r, b, c, x_t_ } = self.setup(i + 1, i, sample, order, "predictor")?;
         if d1s.is_empty() {
             return Ok(x_t_);
         }
@@ -376,43 +384,15 @@ impl UniPc {
             solve(&sub, &b[..n])
         };
         let pred_res = weighted_sum(&rhos_p, &d1s)?;
-        let c = if self.predict_x0 {
-            alpha_t * b_h
-        } else {
-            sigma_t * b_h
-        };
         x_t_ - (pred_res * c as f64)?
     }
 
     /// Corrector (`multistep_uni_c_bh_update`); `model_t` is the current converted output.
     fn correct(&self, model_t: &Tensor, last_sample: &Tensor, order: usize) -> Result<Tensor> {
         let i = self.index;
-        let (sigma_t, sigma_s0) = (self.sigmas[i], self.sigmas[i - 1]);
-        let (alpha_t, alpha_s0) = (1.0 - sigma_t, 1.0 - sigma_s0);
-        let lambda_s0 = alpha_s0.ln() - sigma_s0.ln();
-        let h = (alpha_t.ln() - sigma_t.ln()) - lambda_s0;
-        let m0 = self
-            .model_outputs
-            .last()
-            .expect("corrector needs a model output");
-        let mut rks = Vec::new();
-        let mut d1s = Vec::new();
-        for k in 1..order {
-            let si = i - (k + 1);
-            let mi = &self.model_outputs[self.model_outputs.len() - 1 - k];
-            let rk = (Self::lambda(self.sigmas[si]) - lambda_s0) / h;
-            rks.push(rk);
-            d1s.push(((mi - m0)? / rk as f64)?);
-        }
-        rks.push(1.0);
-        let (r, b, h_phi_1, b_h) = self.coefficients(h, &rks, order);
+        let Setup { d1s, r, b, c, x_t_ } = self.setup(i, i - 1, last_sample, order, "corrector")?;
         let rhos_c: Vec<f32> = if order == 1 { vec![0.5] } else { solve(&r, &b) };
-        let (x_coef, m_coef, c) = if self.predict_x0 {
-            (sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * b_h)
-        } else {
-            (alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * b_h)
-        };
-        let x_t_ = ((last_sample * x_coef as f64)? - (m0 * m_coef as f64)?)?;
+        let m0 = self.model_outputs.last().expect("checked in setup");
         let d1_t = (model_t - m0)?;
         let last = *rhos_c.last().expect("non-empty");
         let mut res = (d1_t * last as f64)?;
@@ -421,6 +401,15 @@ impl UniPc {
         }
         x_t_ - (res * c as f64)?
     }
+}
+
+/// See [`UniPc::setup`].
+struct Setup {
+    d1s: Vec<Tensor>,
+    r: Vec<Vec<f32>>,
+    b: Vec<f32>,
+    c: f32,
+    x_t_: Tensor,
 }
 
 fn weighted_sum(w: &[f32], xs: &[Tensor]) -> Result<Tensor> {
