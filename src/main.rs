@@ -13,6 +13,7 @@ fn set_threads(n: Option<usize>) {
 }
 
 fn main() {
+    sora::nn::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Gen(args) => {

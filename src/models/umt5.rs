@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::fused::Linear;
 use serde::Deserialize;
 
 use crate::nn::attention::attention;
@@ -237,7 +239,7 @@ impl std::fmt::Debug for Umt5Encoder {
 }
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out, inp), name)?, None))
+    Linear::new(vb.get((out, inp), name)?, None)
 }
 
 impl Umt5Encoder {
@@ -263,7 +265,7 @@ impl Umt5Encoder {
             let ffn = blk.pp("1.DenseReluDense");
             let mut wo = linear(&ffn, d, ff, "wo.weight")?;
             if vb.dtype() == DType::F16 {
-                wo = Linear::new(wo.weight().to_dtype(DType::F32)?, None);
+                wo = Linear::new(wo.weight().to_dtype(DType::F32)?, None)?;
             }
             layers.push(Layer {
                 attn_norm: blk.get(d, "0.layer_norm.weight")?,
@@ -368,7 +370,7 @@ impl Umt5Encoder {
                 rms_norm(&x, &layer.ffn_norm, self.cfg.layer_norm_epsilon)?.to_dtype(self.dtype)?;
             let gate = layer.wi_0.forward(&n)?;
             let gate = match self.act {
-                FfnActivation::GeluNew => gate.gelu()?,
+                FfnActivation::GeluNew => crate::nn::fused::gelu_tanh(&gate)?,
                 FfnActivation::Relu => gate.relu()?,
             };
             let g = (gate * layer.wi_1.forward(&n)?)?;

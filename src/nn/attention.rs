@@ -39,12 +39,7 @@ fn direct(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>)
     if let Some(bias) = bias {
         s = s.broadcast_add(&bias.to_dtype(DType::F32)?)?;
     }
-    let p = if super::differentiable() {
-        candle_nn::ops::softmax(&s, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&s)?
-    }
-    .to_dtype(dtype)?;
+    let p = super::fused::softmax_last_dim(&s)?.to_dtype(dtype)?;
     p.matmul(&v.contiguous()?)
 }
 

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv2d;
 pub mod conv3d;
+pub mod fused;
 pub mod norm;
 
 pub use attention::attention;
@@ -26,4 +27,27 @@ pub fn set_differentiable(on: bool) {
 /// See [`set_differentiable`].
 pub fn differentiable() -> bool {
     DIFFERENTIABLE.with(|d| d.get())
+}
+
+/// Keeps freed tensor buffers in the process instead of returning them to the kernel at once.
+///
+/// glibc serves every allocation above its mmap threshold (128 KiB at start) with a fresh
+/// `mmap` and `munmap`s it on free; candle allocates a new buffer for every op, so a training
+/// step spent a quarter of its time in page faults and TLB shootdowns (perf: `clear_page`,
+/// `ptep_clear_flush`, `__handle_mm_fault` under candle's binary ops). Raising the thresholds
+/// lets buffers be reused: DiT training step 1.05 s → 0.8 s. Peak memory is unchanged (the
+/// same live buffers); up to `TRIM` of freed memory may stay mapped. No effect off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20; // glibc's maximum
+        const TRIM: libc::c_int = 256 << 20;
+        const TOP_PAD: libc::c_int = 16 << 20;
+        // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM);
+            libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
+        }
+    }
 }

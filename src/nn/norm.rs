@@ -7,29 +7,32 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+    super::fused::normalize(&x, eps, true, |x| {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)
+    })?
+    .to_dtype(dtype)
 }
 
 /// LayerNorm over the last dim with weight and bias, computed in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, eps)?;
-    y.broadcast_mul(&weight.to_dtype(DType::F32)?)?
-        .broadcast_add(&bias.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
+    let y = super::fused::mul_rows(&y, &weight.to_dtype(DType::F32)?)?;
+    super::fused::add_rows(&y, &bias.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }
 
 /// RMSNorm over the last dim (`torch.nn.RMSNorm`, T5's `T5LayerNorm`): `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?
-        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
+    let y = super::fused::normalize(&x, eps, false, |x| {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + eps)?.sqrt()?)
+    })?;
+    super::fused::mul_rows(&y, &weight.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }
 
 /// Wan VAE's `WanRMS_norm` on channel-first tensors: L2-normalise over dim 1

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod conv3d;
 mod dit;
+mod fused;
 mod pipeline;
 mod sched;
 mod train;

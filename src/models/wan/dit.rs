@@ -10,12 +10,13 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::WanTransformerConfig;
 use super::keys::{self, Layout};
 use super::rope::{apply_rope, WanRope};
 use crate::nn::attention;
+use crate::nn::fused::{add_rows, gelu_tanh, linear, mul_rows, Linear};
 use crate::nn::norm::{layer_norm, layer_norm_no_affine, rms_norm};
 use crate::weights::TensorStore;
 
@@ -160,7 +161,7 @@ impl WanBlock {
         let xf = x.to_dtype(DType::F32)?;
         let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
         let a = self.attn1.forward(&h, None, Some(rope))?;
-        let x = (xf + a.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
+        let x = (xf + mul_rows(&a.to_dtype(DType::F32)?, &gate)?)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
             Some((w, b)) => {
@@ -173,14 +174,16 @@ impl WanBlock {
         let xf = x.to_dtype(DType::F32)?;
         let h =
             modulate(&layer_norm_no_affine(&xf, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
-        let f = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
-        (xf + f.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+        let f = self
+            .ffn_out
+            .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
+        (xf + mul_rows(&f.to_dtype(DType::F32)?, &c_gate)?)?.to_dtype(dtype)
     }
 }
 
 /// `x·(1 + scale) + shift` with `[B, 1, D]` modulation.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+    add_rows(&mul_rows(x, &(scale + 1.0)?)?, shift)
 }
 
 /// The Wan2.1 Diffusion Transformer.
@@ -188,8 +191,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 pub struct WanTransformer3DModel {
     cfg: WanTransformerConfig,
     /// Patch embedding as a linear map over flattened `(C, pt, ph, pw)` patches: `[D, C·pt·ph·pw]`.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    patch: Linear,
     time_linear_1: Linear,
     time_linear_2: Linear,
     time_proj: Linear,
@@ -227,8 +229,7 @@ impl WanTransformer3DModel {
             .map(|i| WanBlock::load(vb.pp(format!("blocks.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_weight,
-            patch_bias: vb.get(d, "patch_embedding.bias")?,
+            patch: Linear::new(patch_weight, Some(vb.get(d, "patch_embedding.bias")?))?,
             time_linear_1: linear(cfg.freq_dim, d, cef.pp("time_embedder.linear_1"))?,
             time_linear_2: linear(d, d, cef.pp("time_embedder.linear_2"))?,
             time_proj: linear(d, 6 * d, ce.pp("time_proj"))?,
@@ -259,11 +260,9 @@ impl WanTransformer3DModel {
     /// Embeds the text: UMT5 hidden states `[B, L, text_dim]` → `[B, L, D]`. Independent of
     /// the timestep, so a sampler computes it once per prompt.
     pub fn embed_text(&self, context: &Tensor) -> Result<Tensor> {
-        let dtype = self.patch_weight.dtype();
-        let h = self
-            .text_linear_1
-            .forward(&context.to_dtype(dtype)?)?
-            .gelu()?;
+        let dtype = self.patch.weight().dtype();
+        let h = self.text_linear_1.forward(&context.to_dtype(dtype)?)?;
+        let h = gelu_tanh(&h)?;
         self.text_linear_2.forward(&h)
     }
 
@@ -274,7 +273,7 @@ impl WanTransformer3DModel {
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&sin)?.silu()?)?;
-        let dtype = self.patch_weight.dtype();
+        let dtype = self.patch.weight().dtype();
         let temb6 = self
             .time_proj
             .forward(&temb.silu()?.to_dtype(dtype)?)?
@@ -326,13 +325,11 @@ impl WanTransformer3DModel {
         ctx: &Tensor,
         offset: (usize, usize, usize),
     ) -> Result<Tensor> {
-        let dtype = self.patch_weight.dtype();
+        let dtype = self.patch.weight().dtype();
         let grid = self.token_grid(x.dims());
         let rope = self.rope.tables(grid, offset, x.device())?;
         let tokens = self.patchify(&x.to_dtype(dtype)?)?;
-        let mut h = tokens
-            .broadcast_matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let mut h = self.patch.forward(&tokens)?;
         let (temb, temb6) = self.embed_time(t)?;
         for block in &self.blocks {
             h = block.forward(&h, ctx, &temb6, &rope)?;

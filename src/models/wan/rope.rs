@@ -84,9 +84,5 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let cos = cos.to_dtype(dtype)?;
     let sin = sin.to_dtype(dtype)?;
-    if crate::nn::differentiable() {
-        candle_nn::rotary_emb::rope_i_slow(&x.contiguous()?, &cos, &sin)
-    } else {
-        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
-    }
+    crate::nn::fused::rope_interleaved(x, &cos, &sin)
 }

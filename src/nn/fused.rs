@@ -1,0 +1,342 @@
+//! Layers whose forward pass is candle's, with CPU backward passes that avoid candle's slow
+//! paths. Profiling `sora train dit` showed most of a step in the backward pass, a large part
+//! of it in candle's reduction over non-last dimensions (the gradient of every broadcast
+//! multiply/add: Linear bias and 3-D weight broadcast, modulation, gates, norm weights) and in
+//! the composed GELU-tanh derivative (about ten elementwise ops). Here those gradients are
+//! computed with batched matmuls against a ones vector and one fused elementwise pass.
+//!
+//! Inference (and any non-CPU device) takes exactly candle's forward ops, so numbers and
+//! parity are unchanged; only in differentiable mode ([`super::differentiable`]) is the result
+//! wrapped in an identity op carrying the faster backward pass.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+type GradFn =
+    dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+
+/// Identity on a precomputed result (third argument) whose backward pass is `grad(a, b, g)`.
+struct WithGrad {
+    name: &'static str,
+    grad: Box<GradFn>,
+}
+
+impl CustomOp3 for WithGrad {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !ly.is_contiguous() || ly.start_offset() != 0 {
+            candle_core::bail!("{}: the precomputed result must be contiguous", self.name);
+        }
+        Ok((y.clone(), ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.grad)(&a.detach(), &b.detach(), &g.detach())?;
+        Ok((ga, gb, None))
+    }
+}
+
+/// `fast` must be computed from detached inputs: it is the result, not a node of the graph.
+fn attach(
+    a: &Tensor,
+    b: &Tensor,
+    fast: Tensor,
+    name: &'static str,
+    grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    let fast = fast.contiguous()?;
+    a.apply_op3_arc(
+        b,
+        &fast,
+        Arc::new(Box::new(WithGrad {
+            name,
+            grad: Box::new(grad),
+        })),
+    )
+}
+
+fn fast_grads(x: &Tensor) -> bool {
+    super::differentiable() && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Sums `t` `[G, R, D]` over its rows: `[G, 1, D]`, as one batched matmul with a ones row.
+fn sum_rows(t: &Tensor) -> Result<Tensor> {
+    let (g, r, _) = t.dims3()?;
+    let ones = Tensor::ones((g, 1, r), t.dtype(), t.device())?;
+    ones.matmul(&t.contiguous()?)
+}
+
+/// Views `x` `[..., D]` as `[G, R, D]` for a per-group operand of `g` groups.
+fn grouped(x: &Tensor, g: usize) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d;
+    if g == 0 || !rows.is_multiple_of(g) {
+        candle_core::bail!(
+            "per-group operand: {rows} rows do not split into {g} groups ({:?})",
+            x.shape()
+        );
+    }
+    x.reshape((g, rows / g, d))
+}
+
+/// Number of groups of a per-group operand: `[D]` → 1, `[G, 1, D]` → G.
+fn groups(s: &Tensor) -> Result<usize> {
+    let d = s.dim(candle_core::D::Minus1)?;
+    Ok(s.elem_count() / d)
+}
+
+/// `x · s` where `x` is `[..., D]` and `s` is `[D]` (a weight) or `[B, 1, D]` with `x` `[B, N, D]`
+/// (modulation, gates).
+pub fn mul_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    if !fast_grads(x) {
+        return x.broadcast_mul(s);
+    }
+    let fast = x.detach().broadcast_mul(&s.detach())?;
+    attach(x, s, fast, "mul-rows", |x, s, g| {
+        let gx = g.broadcast_mul(s)?;
+        let n = groups(s)?;
+        let gs = sum_rows(&grouped(&(g * x)?, n)?)?.reshape(s.shape())?;
+        Ok((Some(gx), Some(gs)))
+    })
+}
+
+/// `x + s` with the shapes of [`mul_rows`].
+pub fn add_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    if !fast_grads(x) {
+        return x.broadcast_add(s);
+    }
+    let fast = x.detach().broadcast_add(&s.detach())?;
+    attach(x, s, fast, "add-rows", |_x, s, g| {
+        let n = groups(s)?;
+        let gs = sum_rows(&grouped(g, n)?)?.reshape(s.shape())?;
+        Ok((Some(g.clone()), Some(gs)))
+    })
+}
+
+/// GELU with the tanh approximation (`gelu_new`, `approximate="tanh"`): candle's forward, and
+/// in differentiable mode one fused pass for the derivative.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !fast_grads(x) {
+        return x.gelu();
+    }
+    let fast = x.detach().gelu()?;
+    attach(x, x, fast, "gelu-tanh", |x, _, g| {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let gs = g.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; xs.len()];
+        const C: f32 = 0.797_884_6; // sqrt(2/pi)
+        const A: f32 = 0.044_715;
+        out.par_chunks_mut(4096)
+            .zip(xs.par_chunks(4096).zip(gs.par_chunks(4096)))
+            .for_each(|(o, (xc, gc))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(xc).zip(gc) {
+                    let t = (C * v * (1.0 + A * v * v)).tanh();
+                    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * A * v * v);
+                    *o = gv * d;
+                }
+            });
+        Ok((Some(Tensor::from_vec(out, x.shape(), x.device())?), None))
+    })
+}
+
+/// A linear layer `y = x·Wᵀ + b` over the last dim. The input is flattened to 2-D so the weight
+/// is never broadcast over a batch dim; at inference the transposed weight is made contiguous
+/// once at load.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    /// `Wᵀ` `[in, out]`, contiguous (inference) or a view of `weight` (training, so optimiser
+    /// updates of the variable are seen).
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight_t = if super::differentiable() {
+            weight.t()?
+        } else {
+            weight.t()?.contiguous()?
+        };
+        Ok(Self {
+            weight,
+            weight_t,
+            bias,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("linear input has a last dim");
+        let m = x.elem_count() / k.max(1);
+        let x2 = x.reshape((m, k))?;
+        let y = x2.matmul(&self.weight_t)?;
+        let y = match &self.bias {
+            Some(b) => add_rows(&y, b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// `candle_nn::linear` with [`Linear`]: weight `[out, in]` and bias `[out]` under `vb`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = vb.get(out_dim, "bias")?;
+    Linear::new(w, Some(b))
+}
+
+/// A linear layer without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Linear::new(vb.get((out_dim, in_dim), "weight")?, None)
+}
+
+/// Applies `f(row_a, row_b, out_row)` to matching rows of two same-shape f32 tensors, in
+/// parallel over rows.
+fn rows_map2(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Send + Sync,
+) -> Result<Tensor> {
+    let d = a.dim(candle_core::D::Minus1)?;
+    let av = a.flatten_all()?.to_vec1::<f32>()?;
+    let bv = b.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; av.len()];
+    let rows_per_task = (16384 / d.max(1)).max(1) * d;
+    out.par_chunks_mut(rows_per_task)
+        .zip(
+            av.par_chunks(rows_per_task)
+                .zip(bv.par_chunks(rows_per_task)),
+        )
+        .for_each(|(o, (ac, bc))| {
+            for ((o, ar), br) in o.chunks_mut(d).zip(ac.chunks(d)).zip(bc.chunks(d)) {
+                f(ar, br, o);
+            }
+        });
+    Tensor::from_vec(out, a.shape(), a.device())
+}
+
+/// Mean and reciprocal standard deviation of a row (`centre`: LayerNorm; else RMSNorm).
+fn row_stats(x: &[f32], eps: f32, centre: bool) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = if centre {
+        x.iter().sum::<f32>() / n
+    } else {
+        0.0
+    };
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Gradient of `x̂ = (x − μ)·rstd` (or `x·rstd` without centring) for one row.
+fn norm_row_grad(x: &[f32], g: &[f32], out: &mut [f32], eps: f32, centre: bool) {
+    let n = x.len() as f32;
+    let (mean, rstd) = row_stats(x, eps, centre);
+    let mut sg = 0f32;
+    let mut sgx = 0f32;
+    for (&xv, &gv) in x.iter().zip(g) {
+        sg += gv;
+        sgx += gv * (xv - mean) * rstd;
+    }
+    let mg = if centre { sg / n } else { 0.0 };
+    let mgx = sgx / n;
+    for ((o, &xv), &gv) in out.iter_mut().zip(x).zip(g) {
+        let xh = (xv - mean) * rstd;
+        *o = rstd * (gv - mg - xh * mgx);
+    }
+}
+
+/// Normalises the last dim of an f32 tensor without affine terms: LayerNorm (`centre`) or the
+/// RMS part of RMSNorm. `composed` is the forward pass used outside differentiable mode.
+pub fn normalize(
+    x: &Tensor,
+    eps: f64,
+    centre: bool,
+    composed: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if !fast_grads(x) {
+        return composed(x);
+    }
+    let fast = composed(&x.detach())?;
+    let e = eps as f32;
+    attach(x, x, fast, "normalize", move |x, _, g| {
+        let gx = rows_map2(x, g, |xr, gr, o| norm_row_grad(xr, gr, o, e, centre))?;
+        Ok((Some(gx), None))
+    })
+}
+
+/// Softmax over the last dim: candle's fused kernel forward, in differentiable mode with the
+/// row-wise backward `p·(g − Σ g·p)`.
+pub fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
+    if !super::differentiable() {
+        return candle_nn::ops::softmax_last_dim(s);
+    }
+    if !fast_grads(s) {
+        return candle_nn::ops::softmax(s, candle_core::D::Minus1);
+    }
+    let p = candle_nn::ops::softmax_last_dim(&s.detach())?;
+    let p_saved = p.clone();
+    attach(s, s, p, "softmax", move |_, _, g| {
+        let gs = rows_map2(&p_saved, g, |pr, gr, o| {
+            let dot: f32 = pr.iter().zip(gr).map(|(p, g)| p * g).sum();
+            for ((o, &p), &g) in o.iter_mut().zip(pr).zip(gr) {
+                *o = p * (g - dot);
+            }
+        })?;
+        Ok((Some(gs), None))
+    })
+}
+
+/// Interleaved rotary embedding (`candle_nn::rotary_emb::rope_i`): candle's fused kernel
+/// forward; the backward pass is the inverse rotation of the gradient (`sin` negated).
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !super::differentiable() {
+        return candle_nn::rotary_emb::rope_i(&x, cos, sin);
+    }
+    if !fast_grads(&x) {
+        return candle_nn::rotary_emb::rope_i_slow(&x, cos, sin);
+    }
+    let fast = candle_nn::rotary_emb::rope_i(&x.detach(), cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach(&x, &x, fast, "rope", move |_, _, g| {
+        let gx = candle_nn::rotary_emb::rope_i(&g.contiguous()?, &cos, &neg_sin)?;
+        Ok((Some(gx), None))
+    })
+}

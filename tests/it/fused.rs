@@ -1,0 +1,161 @@
+//! The training-time backward passes of `sora::nn::fused` against candle's own autograd of the
+//! same computation written with plain candle ops.
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use sora::nn::fused;
+
+use crate::common::assert_close;
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs `f` on fresh variables in differentiable mode and returns the output and the gradients
+/// of `Σ out·r` (r a fixed random tensor) with respect to each input.
+fn grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    sora::nn::set_differentiable(true);
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let r = randn(99, out.dims());
+    let loss = (&out * &r).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    sora::nn::set_differentiable(false);
+    let gs = ts
+        .iter()
+        .map(|t| g.get(t).expect("gradient present").clone())
+        .collect();
+    (out, gs)
+}
+
+fn check(
+    what: &str,
+    inputs: &[Tensor],
+    fast: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let (yf, gf) = grads(inputs, fast);
+    let (yr, gr) = grads(inputs, reference);
+    assert_close(&format!("{what} forward"), &yf, &yr, 1e-6);
+    for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        assert_close(&format!("{what} grad of input {i}"), a, b, 2e-5 * scale);
+    }
+}
+
+#[test]
+fn fused_backward_passes_match_candle_autograd() {
+    let x = randn(1, &[2, 7, 12]);
+    let s_batch = randn(2, &[2, 1, 12]);
+    let s_weight = randn(3, &[12]);
+
+    check(
+        "mul_rows (per batch)",
+        &[x.clone(), s_batch.clone()],
+        |t| fused::mul_rows(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_mul(&t[1]).unwrap(),
+    );
+    check(
+        "mul_rows (weight)",
+        &[x.clone(), s_weight.clone()],
+        |t| fused::mul_rows(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_mul(&t[1]).unwrap(),
+    );
+    check(
+        "add_rows (per batch)",
+        &[x.clone(), s_batch.clone()],
+        |t| fused::add_rows(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_add(&t[1]).unwrap(),
+    );
+    check(
+        "add_rows (weight)",
+        &[x.clone(), s_weight],
+        |t| fused::add_rows(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_add(&t[1]).unwrap(),
+    );
+    check(
+        "gelu_tanh",
+        &[(&x * 2.0).unwrap()],
+        |t| fused::gelu_tanh(&t[0]).unwrap(),
+        |t| t[0].gelu().unwrap(),
+    );
+
+    let w = randn(4, &[5, 12]);
+    let b = randn(5, &[5]);
+    check(
+        "Linear",
+        &[x.clone(), w, b],
+        |t| {
+            fused::Linear::new(t[1].clone(), Some(t[2].clone()))
+                .unwrap()
+                .forward(&t[0])
+                .unwrap()
+        },
+        |t| {
+            candle_nn::Linear::new(t[1].clone(), Some(t[2].clone()))
+                .forward(&t[0])
+                .unwrap()
+        },
+    );
+
+    let eps = 1e-6;
+    let layer_norm = move |x: &Tensor| {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)
+    };
+    let rms = move |x: &Tensor| {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + eps)?.sqrt()?)
+    };
+    check(
+        "layer norm",
+        &[(&x * 3.0).unwrap()],
+        |t| fused::normalize(&t[0], eps, true, layer_norm).unwrap(),
+        |t| layer_norm(&t[0]).unwrap(),
+    );
+    check(
+        "rms norm",
+        &[(&x * 3.0).unwrap()],
+        |t| fused::normalize(&t[0], eps, false, rms).unwrap(),
+        |t| rms(&t[0]).unwrap(),
+    );
+
+    let scores = (randn(6, &[2, 3, 5, 9]) * 3.0).unwrap();
+    check(
+        "softmax",
+        &[scores],
+        |t| fused::softmax_last_dim(&t[0]).unwrap(),
+        |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+    );
+
+    // RoPE: [B, H, N, D] with [N, D/2] tables.
+    let q = randn(7, &[2, 3, 5, 8]);
+    let ang = randn(8, &[5, 4]);
+    let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+    check(
+        "rope",
+        &[q],
+        |t| fused::rope_interleaved(&t[0], &cos, &sin).unwrap(),
+        |t| candle_nn::rotary_emb::rope_i_slow(&t[0], &cos, &sin).unwrap(),
+    );
+    assert_eq!(x.dtype(), DType::F32);
+}
