@@ -19,6 +19,8 @@ pub struct CausalConv3d {
     /// The PyTorch-layout weight `[C_out, C_in, kt, kh, kw]`. Training folds it on every call,
     /// so optimizer updates of this variable reach the convolution and gradients flow back.
     raw_weight: Tensor,
+    /// `[kh, kw, C_out, kt·C_in]` for the shifted-GEMM CPU kernel (inference only).
+    gemm_weight: Option<Tensor>,
     bias: Option<Tensor>,
     in_channels: usize,
     out_channels: usize,
@@ -40,9 +42,15 @@ impl CausalConv3d {
             .permute((0, 2, 1, 3, 4))?
             .reshape((c_out, kt * c_in, kh, kw))?
             .contiguous()?;
+        let gemm_weight = if !crate::nn::differentiable() && weight.device().is_cpu() {
+            Some(crate::nn::kernels::conv3d_gemm_weight(weight)?)
+        } else {
+            None
+        };
         Ok(Self {
             weight: folded,
             raw_weight: weight.clone(),
+            gemm_weight,
             bias,
             in_channels: c_in,
             out_channels: c_out,
@@ -108,6 +116,19 @@ impl CausalConv3d {
             candle_core::bail!(
                 "causal conv3d: {t} frames (after padding) but the kernel spans {kt}"
             );
+        }
+        if let Some(gw) = &self.gemm_weight {
+            if sh == 1 && crate::nn::kernels::usable(&x) {
+                return crate::nn::kernels::conv3d_shifted_gemm(
+                    &x,
+                    gw,
+                    self.bias.as_ref(),
+                    kt,
+                    st,
+                    ph,
+                    pw,
+                );
+            }
         }
         let t_out = (t - kt) / st + 1;
         // Spatial padding: candle's conv2d takes one symmetric padding for both axes.

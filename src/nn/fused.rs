@@ -140,6 +140,9 @@ pub fn add_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
 /// GELU with the tanh approximation (`gelu_new`, `approximate="tanh"`): candle's forward, and
 /// in differentiable mode one fused pass for the derivative.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if super::kernels::usable(x) {
+        return super::kernels::gelu_tanh(x);
+    }
     if !fast_grads(x) {
         return x.gelu();
     }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod conv3d;
 pub mod fused;
+pub mod kernels;
 pub mod norm;
 
 pub use attention::attention;

@@ -6,6 +6,7 @@ mod common;
 mod conv3d;
 mod dit;
 mod fused;
+mod kernels;
 mod pipeline;
 mod sched;
 mod train;

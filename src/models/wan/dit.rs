@@ -17,6 +17,7 @@ use super::keys::{self, Layout};
 use super::rope::{apply_rope, WanRope};
 use crate::nn::attention;
 use crate::nn::fused::{add_rows, gelu_tanh, linear, mul_rows, Linear};
+use crate::nn::kernels;
 use crate::nn::norm::{layer_norm, layer_norm_no_affine, rms_norm};
 use crate::weights::TensorStore;
 
@@ -85,6 +86,28 @@ impl WanAttention {
         let kv_in = context.unwrap_or(x);
         let l = kv_in.dim(1)?;
         let hd = d / self.heads;
+        if kernels::usable(x) {
+            // Fused CPU path on the [B, N, H·Dh] layout: no head transposes or copies.
+            let q =
+                kernels::norm_affine(&self.to_q.forward(x)?, &self.norm_q, None, self.eps, false)?;
+            let k = kernels::norm_affine(
+                &self.to_k.forward(kv_in)?,
+                &self.norm_k,
+                None,
+                self.eps,
+                false,
+            )?;
+            let v = self.to_v.forward(kv_in)?;
+            let (q, k) = match rope {
+                Some((cos, sin)) => (
+                    kernels::rope_bnhd(&q, cos, sin, self.heads)?,
+                    kernels::rope_bnhd(&k, cos, sin, self.heads)?,
+                ),
+                None => (q, k),
+            };
+            let o = kernels::attention_bnhd(&q, &k, &v, self.heads, 1.0 / (hd as f64).sqrt())?;
+            return self.to_out.forward(&o);
+        }
         let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
         let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
         let v = self.to_v.forward(kv_in)?;
@@ -159,6 +182,21 @@ impl WanBlock {
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         let xf = x.to_dtype(DType::F32)?;
+        if kernels::usable(x) {
+            let h = kernels::norm_affine(&xf, &(scale + 1.0)?, Some(&shift), self.eps, true)?;
+            let a = self.attn1.forward(&h, None, Some(rope))?;
+            let x = kernels::gated_residual(&xf, &a, &gate)?;
+            let h = match &self.norm2 {
+                Some((w, b)) => kernels::norm_affine(&x, w, Some(b), self.eps, true)?,
+                None => x.clone(),
+            };
+            let x = (&x + self.attn2.forward(&h, Some(context), None)?)?;
+            let h = kernels::norm_affine(&x, &(c_scale + 1.0)?, Some(&c_shift), self.eps, true)?;
+            let f = self
+                .ffn_out
+                .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
+            return kernels::gated_residual(&x, &f, &c_gate);
+        }
         let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
         let a = self.attn1.forward(&h, None, Some(rope))?;
         let x = (xf + mul_rows(&a.to_dtype(DType::F32)?, &gate)?)?.to_dtype(dtype)?;
@@ -336,8 +374,12 @@ impl WanTransformer3DModel {
         }
         let e = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
         let (shift, scale) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?);
-        let hf = layer_norm_no_affine(&h.to_dtype(DType::F32)?, self.cfg.eps)?;
-        let h = modulate(&hf, &shift, &scale)?.to_dtype(dtype)?;
+        let h = if kernels::usable(&h) {
+            kernels::norm_affine(&h, &(scale + 1.0)?, Some(&shift), self.cfg.eps, true)?
+        } else {
+            let hf = layer_norm_no_affine(&h.to_dtype(DType::F32)?, self.cfg.eps)?;
+            modulate(&hf, &shift, &scale)?.to_dtype(dtype)?
+        };
         let out = self.proj_out.forward(&h)?;
         self.unpatchify(&out, grid)?.to_dtype(DType::F32)
     }

@@ -521,7 +521,7 @@ impl Resample {
 
 #[derive(Debug, Clone)]
 enum DownBlock {
-    Res(ResBlock),
+    Res(Box<ResBlock>),
     Resample(Resample),
 }
 
@@ -549,7 +549,7 @@ impl Encoder {
                 let lvb = vb.pp(format!("down_blocks.{i}"));
                 Ok(match layer {
                     DownLayer::Res { in_dim, out_dim } => {
-                        DownBlock::Res(ResBlock::load(lvb, in_dim, out_dim)?)
+                        DownBlock::Res(Box::new(ResBlock::load(lvb, in_dim, out_dim)?))
                     }
                     DownLayer::Resample { dim, mode } => {
                         DownBlock::Resample(Resample::load(lvb, dim, mode)?)

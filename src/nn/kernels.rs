@@ -1,0 +1,667 @@
+//! Hand-written CPU kernels for the inference hot spots candle composes from many ops:
+//! LayerNorm + modulation, RMSNorm, GELU-tanh, the gated residual, interleaved RoPE on the
+//! `[B, N, H, D]` layout, and attention built on GEMM tiles with an online softmax.
+//!
+//! Each kernel reads f32 inputs in place, writes one new buffer, and runs row blocks in
+//! parallel on rayon. The elementwise loops are compiled three times (AVX-512, AVX2+FMA,
+//! baseline) and picked at run time, so one binary is fast on new CPUs and safe on old ones.
+//! Results match the composed candle ops to float rounding (tests/it/kernels.rs).
+
+use candle_core::{DType, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Compiles `body` for AVX-512, AVX2+FMA and baseline x86-64 and dispatches at run time.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU supports the features v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports the features v3 is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// `e^x` for f32 with relative error below 2e-7 (Cody–Waite reduction, degree-7 polynomial);
+/// branch-free so loops over it vectorise. Inputs are clamped to [-87, 88].
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+#[inline(always)]
+fn gelu_one(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6;
+    let u = C * x * (1.0 + 0.044_715 * x * x);
+    // tanh(u) = 1 − 2/(e^{2u} + 1)
+    let t = 1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0);
+    0.5 * x * (1.0 + t)
+}
+
+multiversion! {
+    fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = gelu_one(s);
+        }
+    }
+}
+
+multiversion! {
+    /// Sum of a row (16 lanes, so it vectorises).
+    fn row_sums(x: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                acc[i] += c[i];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for &v in chunks.remainder() {
+            s += v;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// Sum of squared deviations from `mean`.
+    fn row_sq_dev(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                let d = c[i] - mean;
+                acc[i] += d * d;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for &v in chunks.remainder() {
+            s += (v - mean) * (v - mean);
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `out = (x − mean)/std·mul + add`.
+    fn norm_row(x: &[f32], mean: f32, std: f32, mul: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
+        match add {
+            Some(a) => {
+                for (((o, &xv), &mv), &av) in out.iter_mut().zip(x).zip(mul).zip(a) {
+                    *o = ((xv - mean) / std) * mv + av;
+                }
+            }
+            None => {
+                for ((o, &xv), &mv) in out.iter_mut().zip(x).zip(mul) {
+                    *o = ((xv - mean) / std) * mv;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = x + a·gate`.
+    fn gated_row(x: &[f32], a: &[f32], gate: &[f32], out: &mut [f32]) {
+        for (((o, &xv), &av), &gv) in out.iter_mut().zip(x).zip(a).zip(gate) {
+            *o = xv + av * gv;
+        }
+    }
+}
+
+multiversion! {
+    /// Row maximum.
+    fn row_max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                acc[i] = acc[i].max(c[i]);
+            }
+        }
+        let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &v in chunks.remainder() {
+            m = m.max(v);
+        }
+        m
+    }
+}
+
+multiversion! {
+    /// `x ← e^{x·scale − m}` in place; returns the row sum.
+    fn exp_row(x: &mut [f32], scale: f32, m: f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                let e = exp_f32(c[i] * scale - m);
+                c[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp_f32(*v * scale - m);
+            s += *v;
+        }
+        s
+    }
+}
+
+multiversion! {
+    fn scale_row(x: &mut [f32], a: f32) {
+        for v in x.iter_mut() {
+            *v *= a;
+        }
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `t` (which must be a contiguous CPU f32 tensor).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("CPU kernel called on a {:?} tensor", t.device());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("CPU kernel needs a contiguous tensor, got {:?}", layout);
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// Whether the fast kernels apply: CPU, f32, not recording gradients.
+pub fn usable(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !super::differentiable()
+}
+
+fn prep(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// Rows per parallel task for rows of length `d`: about 64 KiB of input.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
+/// LayerNorm (no affine) of the last dim followed by `·mul + add`, where `mul`/`add` are per
+/// group of rows: `[G, 1, D]` with `x` `[G, N, D]`, or `[D]`. `add` may be omitted (RMS-style
+/// callers). `centre = false` gives RMSNorm (no mean subtraction). Returns `[.., D]` f32.
+pub fn norm_affine(
+    x: &Tensor,
+    mul: &Tensor,
+    add: Option<&Tensor>,
+    eps: f64,
+    centre: bool,
+) -> Result<Tensor> {
+    let x = prep(x)?;
+    let mul = prep(mul)?;
+    let add = add.map(prep).transpose()?;
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d;
+    let groups = mul.elem_count() / d;
+    if groups == 0 || rows % groups != 0 || mul.elem_count() % d != 0 {
+        candle_core::bail!(
+            "norm_affine: {:?} does not split into {groups} groups of {:?}",
+            x.shape(),
+            mul.shape()
+        );
+    }
+    let per_group = rows / groups;
+    let mut out = vec![0f32; x.elem_count()];
+    with_data(&x, |xs| {
+        with_data(&mul, |ms| {
+            let mut run = |adds: Option<&[f32]>| {
+                let rpt = rows_per_task(d);
+                out.par_chunks_mut(rpt * d)
+                    .zip(xs.par_chunks(rpt * d))
+                    .enumerate()
+                    .for_each(|(ti, (o, xc))| {
+                        for (ri, (orow, xrow)) in o.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
+                            let g = (ti * rpt + ri) / per_group;
+                            let mean = if centre {
+                                row_sums(xrow) / d as f32
+                            } else {
+                                0.0
+                            };
+                            let var = row_sq_dev(xrow, mean) / d as f32;
+                            let std = (var + eps as f32).sqrt();
+                            norm_row(
+                                xrow,
+                                mean,
+                                std,
+                                &ms[g * d..(g + 1) * d],
+                                adds.map(|a| &a[g * d..(g + 1) * d]),
+                                orow,
+                            );
+                        }
+                    });
+            };
+            match &add {
+                Some(a) => with_data(a, |as_| {
+                    run(Some(as_));
+                    Ok(())
+                }),
+                None => {
+                    run(None);
+                    Ok(())
+                }
+            }
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// `x + a·gate` with `x`, `a` `[G, N, D]` and `gate` `[G, 1, D]`, f32.
+pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (x, a, gate) = (prep(x)?, prep(a)?, prep(gate)?);
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d;
+    let groups = gate.elem_count() / d;
+    if x.shape() != a.shape() || groups == 0 || rows % groups != 0 {
+        candle_core::bail!(
+            "gated_residual: shapes {:?} {:?} {:?}",
+            x.shape(),
+            a.shape(),
+            gate.shape()
+        );
+    }
+    let per_group = rows / groups;
+    let mut out = vec![0f32; x.elem_count()];
+    with_data(&x, |xs| {
+        with_data(&a, |as_| {
+            with_data(&gate, |gs| {
+                let rpt = rows_per_task(d);
+                out.par_chunks_mut(rpt * d)
+                    .zip(xs.par_chunks(rpt * d).zip(as_.par_chunks(rpt * d)))
+                    .enumerate()
+                    .for_each(|(ti, (o, (xc, ac)))| {
+                        for (ri, ((orow, xrow), arow)) in o
+                            .chunks_mut(d)
+                            .zip(xc.chunks(d))
+                            .zip(ac.chunks(d))
+                            .enumerate()
+                        {
+                            let g = (ti * rpt + ri) / per_group;
+                            gated_row(xrow, arow, &gs[g * d..(g + 1) * d], orow);
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// GELU-tanh of an f32 tensor, vectorised and parallel.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let x = prep(x)?;
+    let mut out = vec![0f32; x.elem_count()];
+    with_data(&x, |xs| {
+        out.par_chunks_mut(16384)
+            .zip(xs.par_chunks(16384))
+            .for_each(|(o, s)| gelu_slice(s, o));
+        Ok(())
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// Interleaved RoPE on `x` `[B, N, H·Dh]` (heads interleaved in the last dim, as the Linear
+/// produces them), with `cos`/`sin` `[N, Dh/2]`. Same numbers as `rope_i` on `[B, H, N, Dh]`.
+pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let (x, cos, sin) = (prep(x)?, prep(cos)?, prep(sin)?);
+    let (_, n, d) = x.dims3()?;
+    let hd = d / heads;
+    if cos.dims() != [n, hd / 2] || sin.dims() != [n, hd / 2] {
+        candle_core::bail!(
+            "rope_bnhd: tables {:?}/{:?} for {n} tokens of head dim {hd}",
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let mut out = vec![0f32; x.elem_count()];
+    with_data(&x, |xs| {
+        with_data(&cos, |cs| {
+            with_data(&sin, |ss| {
+                out.par_chunks_mut(d)
+                    .zip(xs.par_chunks(d))
+                    .enumerate()
+                    .for_each(|(row, (o, xr))| {
+                        let t = row % n;
+                        let (c, s) = (
+                            &cs[t * hd / 2..(t + 1) * hd / 2],
+                            &ss[t * hd / 2..(t + 1) * hd / 2],
+                        );
+                        for h in 0..heads {
+                            let (oh, xh) =
+                                (&mut o[h * hd..(h + 1) * hd], &xr[h * hd..(h + 1) * hd]);
+                            for i in 0..hd / 2 {
+                                let (x0, x1) = (xh[2 * i], xh[2 * i + 1]);
+                                oh[2 * i] = x0 * c[i] - x1 * s[i];
+                                oh[2 * i + 1] = x0 * s[i] + x1 * c[i];
+                            }
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// Query rows per attention task.
+const ATT_BQ: usize = 64;
+/// Key rows per online-softmax step.
+const ATT_BK: usize = 512;
+
+/// Attention without bias on the `[B, N, H·Dh]` layout: `q` `[B, Nq, H·Dh]`, `k`/`v`
+/// `[B, Nk, H·Dh]`; returns `[B, Nq, H·Dh]`. Each task takes 64 query rows of one head; scores
+/// for 512 keys at a time come from one GEMM into a thread-local tile, an online softmax updates
+/// them in place, and a second GEMM accumulates `P·V`. Memory is O(tile), whatever N.
+pub fn attention_bnhd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
+    let (b, nq, d) = q.dims3()?;
+    let (bk, nk, dk) = k.dims3()?;
+    if bk != b || dk != d || v.dims() != k.dims() || d % heads != 0 {
+        candle_core::bail!(
+            "attention_bnhd: q {:?}, k {:?}, v {:?}, {heads} heads",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
+    let hd = d / heads;
+    let qblocks = nq.div_ceil(ATT_BQ);
+    let tasks = b * heads * qblocks;
+    let scale = scale as f32;
+    let mut out = vec![0f32; q.elem_count()];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    with_data(&q, |qs| {
+        with_data(&k, |ks| {
+            with_data(&v, |vs| {
+                (0..tasks).into_par_iter().for_each_init(
+                    || {
+                        (
+                            vec![0f32; ATT_BQ * ATT_BK],
+                            vec![0f32; ATT_BQ * hd],
+                            vec![0f32; 2 * ATT_BQ],
+                        )
+                    },
+                    |(s, acc, ml), task| {
+                        let qb = task % qblocks;
+                        let h = (task / qblocks) % heads;
+                        let bi = task / (qblocks * heads);
+                        let q0 = qb * ATT_BQ;
+                        let rows = ATT_BQ.min(nq - q0);
+                        let (m, l) = ml.split_at_mut(ATT_BQ);
+                        m[..rows].fill(f32::NEG_INFINITY);
+                        l[..rows].fill(0.0);
+                        acc[..rows * hd].fill(0.0);
+                        let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
+                        let mut k0 = 0;
+                        while k0 < nk {
+                            let cols = ATT_BK.min(nk - k0);
+                            let kp = ks[bi * nk * d + k0 * d + h * hd..].as_ptr();
+                            let vp = vs[bi * nk * d + k0 * d + h * hd..].as_ptr();
+                            // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
+                            // SAFETY: pointers and strides stay inside q/k and the tile.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    cols,
+                                    hd,
+                                    s.as_mut_ptr(),
+                                    1,
+                                    cols as isize,
+                                    false,
+                                    qp,
+                                    1,
+                                    d as isize,
+                                    kp,
+                                    d as isize,
+                                    1,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            for r in 0..rows {
+                                let row = &mut s[r * cols..(r + 1) * cols];
+                                let m_new = m[r].max(row_max(row) * scale);
+                                let alpha = exp_f32(m[r] - m_new);
+                                let sum = exp_row(row, scale, m_new);
+                                l[r] = l[r] * alpha + sum;
+                                m[r] = m_new;
+                                if alpha != 1.0 {
+                                    scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
+                                }
+                            }
+                            // acc[rows, hd] += P[rows, cols] · V[cols, hd]
+                            // SAFETY: as above.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    hd,
+                                    cols,
+                                    acc.as_mut_ptr(),
+                                    1,
+                                    hd as isize,
+                                    true,
+                                    s.as_ptr(),
+                                    1,
+                                    cols as isize,
+                                    vp,
+                                    1,
+                                    d as isize,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            k0 += cols;
+                        }
+                        for r in 0..rows {
+                            let inv = 1.0 / l[r];
+                            let base = bi * nq * d + (q0 + r) * d + h * hd;
+                            for j in 0..hd {
+                                // SAFETY: each (b, row, head) slot is written by exactly one task.
+                                unsafe { *out_ptr.get().add(base + j) = acc[r * hd + j] * inv };
+                            }
+                        }
+                    },
+                );
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, q.shape(), q.device())
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint slots (see attention_bnhd).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Rearranges a PyTorch Conv3d weight `[O, C, kt, kh, kw]` for [`conv3d_shifted_gemm`]:
+/// `[kh, kw, O, kt·C]`, so each spatial tap is one contiguous `[O, kt·C]` matrix.
+pub fn conv3d_gemm_weight(w: &Tensor) -> Result<Tensor> {
+    let (o, c, kt, kh, kw) = w.dims5()?;
+    w.to_dtype(DType::F32)?
+        .permute((3, 4, 0, 2, 1))?
+        .reshape((kh, kw, o, kt * c))?
+        .contiguous()
+}
+
+/// A 3D convolution with temporal stride `st`, spatial stride 1, no temporal padding (the caller
+/// has padded causally) and symmetric spatial zero padding `(ph, pw)`, as shifted GEMMs: the
+/// input is laid out once as zero-padded planes `[B, T, C, Hp, Wp]`; an output frame's
+/// `[O, H'·Wp]` block is the sum over the `kh·kw` spatial taps of `W_tap [O, kt·C]` times the
+/// input planes of its `kt` frames shifted by the tap's offset (a plain strided matrix, because
+/// consecutive frames' channel planes are equally spaced). The `Wp − W'` extra columns per row
+/// are computed and dropped. No im2col buffer; each GEMM has `K = kt·C`.
+///
+/// `x`: `[B, C, T, H, W]`, `w`: from [`conv3d_gemm_weight`], `bias`: `[O]`.
+/// Returns `[B, O, T', H', W']` with `T' = (T − kt)/st + 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_shifted_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    kt: usize,
+    st: usize,
+    ph: usize,
+    pw: usize,
+) -> Result<Tensor> {
+    let x = prep(x)?;
+    let (b, c, t, h, wd) = x.dims5()?;
+    let (kh, kw, o, ktc) = w.dims4()?;
+    if ktc != kt * c || t < kt {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: input {:?}, weight {:?}, kt {kt}",
+            x.shape(),
+            w.shape()
+        );
+    }
+    let (hp, wp) = (h + 2 * ph, wd + 2 * pw);
+    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
+    let t_out = (t - kt) / st + 1;
+    let plane = hp * wp;
+    // Padded planes [B, T, C, Hp, Wp] plus slack: the last tap of the last row reads up to
+    // kw − 1 elements past the final plane (into columns that are dropped).
+    let mut xp = vec![0f32; b * t * c * plane + wp];
+    with_data(&x, |xs| {
+        xp[..b * t * c * plane]
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let ci = i % c;
+                let ti = (i / c) % t;
+                let bi = i / (c * t);
+                let src = &xs[((bi * c + ci) * t + ti) * h * wd..][..h * wd];
+                for y in 0..h {
+                    dst[(y + ph) * wp + pw..(y + ph) * wp + pw + wd]
+                        .copy_from_slice(&src[y * wd..(y + 1) * wd]);
+                }
+            });
+        Ok(())
+    })?;
+    let bias_v: Option<Vec<f32>> = match bias {
+        Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let n = ho * wp;
+    let mut out = vec![0f32; b * o * t_out * ho * wo];
+    let mut dst = vec![0f32; o * n];
+    let w = prep(w)?;
+    with_data(&w, |ws| {
+        for bi in 0..b {
+            for j in 0..t_out {
+                let frame0 = (bi * t + j * st) * c * plane;
+                for ty in 0..kh {
+                    for tx in 0..kw {
+                        let lhs = ws[(ty * kw + tx) * o * ktc..].as_ptr();
+                        let rhs = xp[frame0 + ty * wp + tx..].as_ptr();
+                        let first = ty == 0 && tx == 0;
+                        // dst[O, n] (+)= W_tap[O, kt·C] · X_tap[kt·C, n]
+                        // SAFETY: lhs spans o·ktc elements of the weight; rhs rows are kt·C
+                        // planes from frame0 (inside xp, plus the slack), n columns each.
+                        unsafe {
+                            gemm::gemm(
+                                o,
+                                n,
+                                ktc,
+                                dst.as_mut_ptr(),
+                                1,
+                                n as isize,
+                                !first,
+                                lhs,
+                                1,
+                                ktc as isize,
+                                rhs,
+                                1,
+                                plane as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::Rayon(0),
+                            );
+                        }
+                    }
+                }
+                // Crop the extra columns, add the bias, write [B, O, T', H', W'].
+                out.par_chunks_mut(t_out * ho * wo)
+                    .skip(bi * o)
+                    .take(o)
+                    .enumerate()
+                    .for_each(|(oi, ob)| {
+                        let bv = bias_v.as_ref().map_or(0.0, |v| v[oi]);
+                        let of = &mut ob[j * ho * wo..(j + 1) * ho * wo];
+                        let df = &dst[oi * n..(oi + 1) * n];
+                        for y in 0..ho {
+                            for (dv, sv) in of[y * wo..(y + 1) * wo]
+                                .iter_mut()
+                                .zip(&df[y * wp..y * wp + wo])
+                            {
+                                *dv = sv + bv;
+                            }
+                        }
+                    });
+            }
+        }
+        Ok(())
+    })?;
+    Tensor::from_vec(out, (b, o, t_out, ho, wo), x.device())
+}

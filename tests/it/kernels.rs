@@ -1,0 +1,178 @@
+//! The hand-written CPU inference kernels (`sora::nn::kernels`) against the composed candle
+//! ops they replace, on shapes that cross every block boundary.
+
+use candle_core::{DType, Device, Tensor, D};
+use sora::nn::kernels;
+
+use crate::common::assert_close;
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn kernel_exp_is_accurate_over_the_softmax_range() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let want = (x as f64).exp();
+        let got = kernels::exp_f32(x) as f64;
+        worst = worst.max(((got - want) / want).abs());
+        x += 0.0137;
+    }
+    println!("exp_f32 worst relative error on [-87, 88]: {worst:.2e}");
+    assert!(worst < 3e-7, "exp_f32 relative error {worst:.2e}");
+    assert!(kernels::exp_f32(-1000.0) < 1e-37);
+}
+
+#[test]
+fn kernel_attention_matches_composed_attention() {
+    // 2 batches, 3 heads of 40: 700 queries (11 query blocks, the last partial) over 1100 keys
+    // (3 key chunks of the online softmax, the last partial); then cross-attention to 9 keys.
+    let (b, h, hd) = (2, 3, 40);
+    for (nq, nk) in [(700, 1100), (70, 9)] {
+        let q = (randn(1, &[b, nq, h * hd]) * 2.0).unwrap();
+        let k = (randn(2, &[b, nk, h * hd]) * 2.0).unwrap();
+        let v = randn(3, &[b, nk, h * hd]);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let got = kernels::attention_bnhd(&q, &k, &v, h, scale).unwrap();
+        let split = |t: &Tensor, n: usize| {
+            t.reshape((b, n, h, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let want = sora::nn::attention::blockwise(
+            &split(&q, nq),
+            &split(&k, nk),
+            &split(&v, nk),
+            scale,
+            None,
+            nq,
+            nk,
+        )
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, nq, h * hd))
+        .unwrap();
+        // Both against an f64 evaluation: the kernel must be at least as close as candle's.
+        let exact = {
+            let (q, k, v) = (
+                split(&q, nq).to_dtype(DType::F64).unwrap(),
+                split(&k, nk).to_dtype(DType::F64).unwrap(),
+                split(&v, nk).to_dtype(DType::F64).unwrap(),
+            );
+            let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+            candle_nn::ops::softmax_last_dim(&s)
+                .or_else(|_| candle_nn::ops::softmax(&s, D::Minus1))
+                .unwrap()
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, nq, h * hd))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let err_kernel = crate::common::max_abs_diff(&got, &exact);
+        let err_candle = crate::common::max_abs_diff(&want, &exact);
+        println!("attention {nq}×{nk} vs f64: kernel {err_kernel:.2e}, candle blockwise {err_candle:.2e}");
+        assert!(
+            err_kernel <= 1.5 * err_candle.max(1e-6),
+            "kernel {err_kernel:.2e} vs candle {err_candle:.2e}"
+        );
+        assert_close(&format!("attention kernel {nq}×{nk}"), &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn kernel_norms_gelu_gate_and_rope_match_composed_ops() {
+    let eps = 1e-6;
+    let x = randn(4, &[2, 37, 48]).affine(3.0, 0.5).unwrap();
+    let scale = randn(5, &[2, 1, 48]);
+    let shift = randn(6, &[2, 1, 48]);
+    let w = randn(7, &[48]);
+    let bias = randn(8, &[48]);
+
+    let ln = |x: &Tensor| {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+    };
+    let mul = (&scale + 1.0).unwrap();
+    let want = ln(&x)
+        .broadcast_mul(&mul)
+        .unwrap()
+        .broadcast_add(&shift)
+        .unwrap();
+    let got = kernels::norm_affine(&x, &mul, Some(&shift), eps, true).unwrap();
+    assert_close("layer norm + modulation", &got, &want, 2e-6);
+
+    let want = ln(&x)
+        .broadcast_mul(&w)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+    let got = kernels::norm_affine(&x, &w, Some(&bias), eps, true).unwrap();
+    assert_close("affine layer norm", &got, &want, 2e-6);
+
+    let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let want = x
+        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&w)
+        .unwrap();
+    let got = kernels::norm_affine(&x, &w, None, eps, false).unwrap();
+    assert_close("rms norm", &got, &want, 2e-6);
+
+    let a = randn(9, &[2, 37, 48]);
+    let want = (&x + a.broadcast_mul(&scale).unwrap()).unwrap();
+    assert_close(
+        "gated residual",
+        &kernels::gated_residual(&x, &a, &scale).unwrap(),
+        &want,
+        1e-6,
+    );
+
+    let big = (randn(10, &[3, 1000]) * 4.0).unwrap();
+    assert_close(
+        "gelu tanh",
+        &kernels::gelu_tanh(&big).unwrap(),
+        &big.gelu().unwrap(),
+        2e-6,
+    );
+
+    // RoPE on [B, N, H·Dh] vs candle's rope_i on [B, H, N, Dh].
+    let (b, n, h, hd) = (2, 13, 3, 8);
+    let q = randn(11, &[b, n, h * hd]);
+    let ang = (randn(12, &[n, hd / 2]) * 3.0).unwrap();
+    let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+    let got = kernels::rope_bnhd(&q, &cos, &sin, h).unwrap();
+    let bhnd = q
+        .reshape((b, n, h, hd))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let want = candle_nn::rotary_emb::rope_i(&bhnd, &cos, &sin)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, n, h * hd))
+        .unwrap();
+    assert_close("rope [B, N, H·Dh]", &got, &want, 1e-6);
+}
