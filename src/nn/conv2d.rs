@@ -173,6 +173,18 @@ impl Conv2d {
         })
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
     /// `x`: `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(

@@ -92,6 +92,32 @@ impl CausalConv3d {
     /// `[B, C_in, Tc, H, W]`, used in place of that many zero frames of front padding.
     /// Returns `[B, C_out, T', H', W']`.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(gw) = &self.gemm_weight {
+            if self.stride.1 == 1 && self.stride.2 == 1 && crate::nn::kernels::usable(x) {
+                // Shifted-GEMM kernel: the cache and zero frames are placed straight into its
+                // padded input planes (no concatenated copy).
+                let pad = self.causal_padding();
+                let mut parts = Vec::with_capacity(2);
+                let mut zero_front = pad;
+                if let (Some(c), true) = (cache, pad > 0) {
+                    parts.push(c.clone());
+                    zero_front = pad.saturating_sub(c.dim(2)?);
+                }
+                parts.push(x.clone());
+                let refs: Vec<&Tensor> = parts.iter().collect();
+                let (kt, _, _) = self.kernel;
+                return crate::nn::kernels::conv3d_shifted_gemm(
+                    &refs,
+                    zero_front,
+                    gw,
+                    self.bias.as_ref(),
+                    kt,
+                    self.stride.0,
+                    self.padding.1,
+                    self.padding.2,
+                );
+            }
+        }
         let mut front = self.causal_padding();
         let mut x = x.clone();
         if let Some(c) = cache {
@@ -116,19 +142,6 @@ impl CausalConv3d {
             candle_core::bail!(
                 "causal conv3d: {t} frames (after padding) but the kernel spans {kt}"
             );
-        }
-        if let Some(gw) = &self.gemm_weight {
-            if sh == 1 && crate::nn::kernels::usable(&x) {
-                return crate::nn::kernels::conv3d_shifted_gemm(
-                    &x,
-                    gw,
-                    self.bias.as_ref(),
-                    kt,
-                    st,
-                    ph,
-                    pw,
-                );
-            }
         }
         let t_out = (t - kt) / st + 1;
         // Spatial padding: candle's conv2d takes one symmetric padding for both axes.

@@ -555,7 +555,8 @@ pub fn conv3d_gemm_weight(w: &Tensor) -> Result<Tensor> {
 /// Returns `[B, O, T', H', W']` with `T' = (T − kt)/st + 1`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_shifted_gemm(
-    x: &Tensor,
+    parts: &[&Tensor],
+    zero_front: usize,
     w: &Tensor,
     bias: Option<&Tensor>,
     kt: usize,
@@ -563,13 +564,27 @@ pub fn conv3d_shifted_gemm(
     ph: usize,
     pw: usize,
 ) -> Result<Tensor> {
-    let x = prep(x)?;
-    let (b, c, t, h, wd) = x.dims5()?;
+    let parts: Vec<Tensor> = parts.iter().map(|p| prep(p)).collect::<Result<_>>()?;
+    let Some(first) = parts.first() else {
+        candle_core::bail!("conv3d_shifted_gemm: no input frames");
+    };
+    let (b, c, _, h, wd) = first.dims5()?;
+    for p in &parts {
+        let (pb, pc, _, ph_, pw_) = p.dims5()?;
+        if (pb, pc, ph_, pw_) != (b, c, h, wd) {
+            candle_core::bail!(
+                "conv3d_shifted_gemm: frame parts {:?} and {:?} differ",
+                first.shape(),
+                p.shape()
+            );
+        }
+    }
+    let t = zero_front + parts.iter().map(|p| p.dim(2).unwrap_or(0)).sum::<usize>();
     let (kh, kw, o, ktc) = w.dims4()?;
     if ktc != kt * c || t < kt {
         candle_core::bail!(
-            "conv3d_shifted_gemm: input {:?}, weight {:?}, kt {kt}",
-            x.shape(),
+            "conv3d_shifted_gemm: input {:?} ({t} frames), weight {:?}, kt {kt}",
+            first.shape(),
             w.shape()
         );
     }
@@ -578,24 +593,32 @@ pub fn conv3d_shifted_gemm(
     let t_out = (t - kt) / st + 1;
     let plane = hp * wp;
     // Padded planes [B, T, C, Hp, Wp] plus slack: the last tap of the last row reads up to
-    // kw − 1 elements past the final plane (into columns that are dropped).
+    // kw − 1 elements past the final plane (into columns that are dropped). Zero frames first.
     let mut xp = vec![0f32; b * t * c * plane + wp];
-    with_data(&x, |xs| {
-        xp[..b * t * c * plane]
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let ci = i % c;
-                let ti = (i / c) % t;
-                let bi = i / (c * t);
-                let src = &xs[((bi * c + ci) * t + ti) * h * wd..][..h * wd];
-                for y in 0..h {
-                    dst[(y + ph) * wp + pw..(y + ph) * wp + pw + wd]
-                        .copy_from_slice(&src[y * wd..(y + 1) * wd]);
-                }
-            });
-        Ok(())
-    })?;
+    let mut t0 = zero_front;
+    for part in &parts {
+        let tp = part.dim(2)?;
+        with_data(part, |xs| {
+            xp[..b * t * c * plane]
+                .par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let ci = i % c;
+                    let ti = (i / c) % t;
+                    let bi = i / (c * t);
+                    if ti < t0 || ti >= t0 + tp {
+                        return;
+                    }
+                    let src = &xs[((bi * c + ci) * tp + (ti - t0)) * h * wd..][..h * wd];
+                    for y in 0..h {
+                        dst[(y + ph) * wp + pw..(y + ph) * wp + pw + wd]
+                            .copy_from_slice(&src[y * wd..(y + 1) * wd]);
+                    }
+                });
+            Ok(())
+        })?;
+        t0 += tp;
+    }
     let bias_v: Option<Vec<f32>> = match bias {
         Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
@@ -663,5 +686,84 @@ pub fn conv3d_shifted_gemm(
         }
         Ok(())
     })?;
-    Tensor::from_vec(out, (b, o, t_out, ho, wo), x.device())
+    Tensor::from_vec(out, (b, o, t_out, ho, wo), first.device())
+}
+
+multiversion! {
+    /// `acc[p] += x[p]²`.
+    fn add_squares(x: &[f32], acc: &mut [f32]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += v * v;
+        }
+    }
+}
+
+multiversion! {
+    /// `ss[p] ← 1 / max(√ss[p], 1e-12)`.
+    fn inv_norms(ss: &mut [f32]) {
+        for s in ss.iter_mut() {
+            *s = 1.0 / s.sqrt().max(1e-12);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[p] = x[p]·inv[p]·k`, then SiLU when `silu`.
+    fn channel_scale(x: &[f32], inv: &[f32], k: f32, silu: bool, out: &mut [f32]) {
+        if silu {
+            for ((o, &v), &s) in out.iter_mut().zip(x).zip(inv) {
+                let y = v * s * k;
+                *o = y / (1.0 + exp_f32(-y));
+            }
+        } else {
+            for ((o, &v), &s) in out.iter_mut().zip(x).zip(inv) {
+                *o = v * s * k;
+            }
+        }
+    }
+}
+
+/// The Wan VAE's channel RMS norm (`F.normalize` over channels, `·√C·γ`) of `[B, C, T, H, W]`,
+/// optionally followed by SiLU, in one pass over each frame (candle reduces over dim 1 with a
+/// strided loop and needs six more elementwise passes).
+pub fn channel_rms_silu(x: &Tensor, gamma: &Tensor, silu: bool) -> Result<Tensor> {
+    let x = prep(x)?;
+    let (b, c, t, h, w) = x.dims5()?;
+    let gamma = prep(gamma)?.flatten_all()?.to_vec1::<f32>()?;
+    if gamma.len() != c {
+        candle_core::bail!("channel_rms_silu: {} gains for {c} channels", gamma.len());
+    }
+    let hw = h * w;
+    let sqrt_c = (c as f32).sqrt();
+    // Tasks: (b, t, block of positions).
+    let block = 4096.min(hw);
+    let blocks = hw.div_ceil(block);
+    let mut out = vec![0f32; x.elem_count()];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    with_data(&x, |xs| {
+        (0..b * t * blocks).into_par_iter().for_each_init(
+            || vec![0f32; block],
+            |ss, task| {
+                let pb = task % blocks;
+                let ti = (task / blocks) % t;
+                let bi = task / (blocks * t);
+                let p0 = pb * block;
+                let n = block.min(hw - p0);
+                let ss = &mut ss[..n];
+                ss.fill(0.0);
+                let at = |ci: usize| ((bi * c + ci) * t + ti) * hw + p0;
+                for ci in 0..c {
+                    add_squares(&xs[at(ci)..at(ci) + n], ss);
+                }
+                inv_norms(ss);
+                for (ci, g) in gamma.iter().enumerate() {
+                    // SAFETY: each (b, c, t, position block) is written by exactly one task.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at(ci)), n) };
+                    channel_scale(&xs[at(ci)..at(ci) + n], ss, sqrt_c * g, silu, o);
+                }
+            },
+        );
+        Ok(())
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
 }

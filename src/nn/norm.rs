@@ -46,3 +46,12 @@ pub fn channel_rms_norm(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         .broadcast_mul(&gamma.to_dtype(DType::F32)?)?
         .to_dtype(dtype)
 }
+
+/// [`channel_rms_norm`] followed by SiLU, as every Wan VAE block applies them; one fused pass
+/// on CPU at inference.
+pub fn channel_rms_norm_silu(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    if super::kernels::usable(x) {
+        return super::kernels::channel_rms_silu(x, gamma, true);
+    }
+    candle_nn::ops::silu(&channel_rms_norm(x, gamma)?)
+}

@@ -176,3 +176,17 @@ fn kernel_norms_gelu_gate_and_rope_match_composed_ops() {
         .unwrap();
     assert_close("rope [B, N, H·Dh]", &got, &want, 1e-6);
 }
+
+#[test]
+fn kernel_channel_rms_norm_silu_matches_composed_ops() {
+    // [B, C, T, H, W] with a plane larger than one 4096-position block.
+    let x = randn(13, &[2, 5, 3, 70, 61]);
+    let gamma = randn(14, &[5, 1, 1, 1]);
+    let want =
+        candle_nn::ops::silu(&sora::nn::norm::channel_rms_norm(&x, &gamma).unwrap()).unwrap();
+    let got = kernels::channel_rms_silu(&x, &gamma, true).unwrap();
+    assert_close("channel rms norm + silu", &got, &want, 2e-6);
+    let want = sora::nn::norm::channel_rms_norm(&x, &gamma).unwrap();
+    let got = kernels::channel_rms_silu(&x, &gamma, false).unwrap();
+    assert_close("channel rms norm", &got, &want, 2e-6);
+}

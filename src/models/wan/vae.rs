@@ -17,8 +17,8 @@ use crate::nn::conv2d::Conv2d;
 
 use super::config::WanVaeConfig;
 use crate::nn::attention;
-use crate::nn::conv3d::{silu, CausalConv3d};
-use crate::nn::norm::channel_rms_norm;
+use crate::nn::conv3d::CausalConv3d;
+use crate::nn::norm::{channel_rms_norm, channel_rms_norm_silu};
 
 /// Frames of input each causal conv keeps for the next chunk (diffusers' `CACHE_T`).
 pub const CACHE_T: usize = 2;
@@ -349,9 +349,9 @@ impl ResBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = silu(&channel_rms_norm(x, &self.norm1)?)?;
+        let y = channel_rms_norm_silu(x, &self.norm1)?;
         let y = cached_conv(&self.conv1, &y, cache)?;
-        let y = silu(&channel_rms_norm(&y, &self.norm2)?)?;
+        let y = channel_rms_norm_silu(&y, &self.norm2)?;
         let y = cached_conv(&self.conv2, &y, cache)?;
         y + h
     }
@@ -428,6 +428,8 @@ impl MidBlock {
 struct Resample {
     mode: ResampleMode,
     conv: Conv2d,
+    /// The upsampling conv's weight for the shifted-GEMM CPU kernel (inference only).
+    up_gemm_weight: Option<Tensor>,
     time_conv: Option<CausalConv3d>,
 }
 
@@ -458,9 +460,20 @@ impl Resample {
             )?),
             _ => None,
         };
+        let conv = Conv2d::load(vb.pp("resample.1"), dim, cout, 3, padding, stride)?;
+        let up = matches!(mode, ResampleMode::Upsample2d | ResampleMode::Upsample3d);
+        let up_gemm_weight =
+            if up && !crate::nn::differentiable() && conv.weight().device().is_cpu() {
+                Some(crate::nn::kernels::conv3d_gemm_weight(
+                    &conv.weight().unsqueeze(2)?,
+                )?)
+            } else {
+                None
+            };
         Ok(Self {
             mode,
-            conv: Conv2d::load(vb.pp("resample.1"), dim, cout, 3, padding, stride)?,
+            conv,
+            up_gemm_weight,
             time_conv,
         })
     }
@@ -490,6 +503,28 @@ impl Resample {
                     let pair = Tensor::stack(&[y.narrow(1, 0, c)?, y.narrow(1, c, c)?], 3)?;
                     x = pair.reshape((b, c, 2 * t, h, w))?;
                 }
+            }
+        }
+        if let Some(gw) = &self.up_gemm_weight {
+            if crate::nn::kernels::usable(&x) {
+                // Nearest ×2 on [B, C·T, H, W] (no permute), then the 3×3 conv as shifted GEMMs.
+                let (b, c, t, h, w) = x.dims5()?;
+                let up = x
+                    .contiguous()?
+                    .reshape((b, c * t, h, w))?
+                    .upsample_nearest2d(2 * h, 2 * w)?
+                    .reshape((b, c, t, 2 * h, 2 * w))?;
+                let p = self.conv.padding();
+                return crate::nn::kernels::conv3d_shifted_gemm(
+                    &[&up],
+                    0,
+                    gw,
+                    self.conv.bias(),
+                    1,
+                    1,
+                    p,
+                    p,
+                );
             }
         }
         let b = x.dim(0)?;
@@ -578,7 +613,7 @@ impl Encoder {
             };
         }
         let x = self.mid.forward(&x, cache)?;
-        let x = silu(&channel_rms_norm(&x, &self.norm_out)?)?;
+        let x = channel_rms_norm_silu(&x, &self.norm_out)?;
         cached_conv(&self.conv_out, &x, cache)
     }
 }
@@ -649,7 +684,7 @@ impl Decoder {
                 x = u.forward(&x, cache)?;
             }
         }
-        let x = silu(&channel_rms_norm(&x, &self.norm_out)?)?;
+        let x = channel_rms_norm_silu(&x, &self.norm_out)?;
         cached_conv(&self.conv_out, &x, cache)
     }
 }
