@@ -68,6 +68,15 @@ fn bench_attention(c: &mut Criterion) {
         g.bench_function(format!("b1_h8_n{n}_d64"), |b| {
             b.iter(|| black_box(attention(&q, &k, &v, 0.125, None).unwrap()))
         });
+        // The DiT's inference kernel on the [B, N, H·D] layout (no head transposes).
+        let (q, k, v) = (
+            randn(&[1, n, 512]),
+            randn(&[1, n, 512]),
+            randn(&[1, n, 512]),
+        );
+        g.bench_function(format!("kernel_b1_n{n}_h8_d64"), |b| {
+            b.iter(|| black_box(sora::nn::kernels::attention_bnhd(&q, &k, &v, 8, 0.125).unwrap()))
+        });
     }
     g.finish();
 }
