@@ -18,6 +18,8 @@ use sora::train::optim::params;
 use sora::train::recipe::init_params;
 
 fn dev() -> Device {
+    // As the sora binary does at start (glibc keeps freed buffers instead of unmapping them).
+    sora::nn::tune_allocator();
     Device::Cpu
 }
 

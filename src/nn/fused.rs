@@ -201,12 +201,39 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `forward(x) + residual`; on CPU at inference the residual is added inside the GEMM.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if super::kernels::usable(x) && self.weight_t.is_contiguous() {
+            let dims = x.dims().to_vec();
+            let k = *dims.last().expect("linear input has a last dim");
+            let m = x.elem_count() / k.max(1);
+            let n = self.weight.dim(0)?;
+            let r2 = residual.reshape((m, n))?;
+            let y = super::kernels::linear(
+                &x.reshape((m, k))?,
+                &self.weight_t,
+                self.bias.as_ref(),
+                Some(&r2),
+            )?;
+            return y.reshape(residual.shape());
+        }
+        self.forward(x)? + residual
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = *dims.last().expect("linear input has a last dim");
         let m = x.elem_count() / k.max(1);
         let x2 = x.reshape((m, k))?;
+        if super::kernels::usable(x) && self.weight_t.is_contiguous() {
+            let y = super::kernels::linear(&x2, &self.weight_t, self.bias.as_ref(), None)?;
+            let mut out = dims;
+            *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+            return y.reshape(out);
+        }
         let y = x2.matmul(&self.weight_t)?;
         let y = match &self.bias {
             Some(b) => add_rows(&y, b)?,

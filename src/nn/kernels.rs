@@ -50,7 +50,8 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let shifted = x * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
     let p = 1.0
         + r * (1.0
@@ -58,7 +59,10 @@ pub fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The low mantissa bits of `shifted` hold n (two's complement around MAGIC's bit pattern,
+    // whose own bits shift out): 2ⁿ without a float→int conversion, which Rust's saturating
+    // `as i32` would make scalar.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127).wrapping_shl(23));
     p * scale
 }
 
@@ -191,6 +195,19 @@ multiversion! {
     }
 }
 
+/// An output buffer every element of which the caller overwrites before reading.
+fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and every kernel below writes each element of
+    // its output before the buffer is read or handed to candle; skipping the zero fill saves
+    // a full memory pass per op.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
 /// Runs `f` on the contiguous f32 data of `t` (which must be a contiguous CPU f32 tensor).
 fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -241,7 +258,7 @@ pub fn norm_affine(
         );
     }
     let per_group = rows / groups;
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = output_buffer(x.elem_count());
     with_data(&x, |xs| {
         with_data(&mul, |ms| {
             let mut run = |adds: Option<&[f32]>| {
@@ -300,7 +317,7 @@ pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
         );
     }
     let per_group = rows / groups;
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = output_buffer(x.elem_count());
     with_data(&x, |xs| {
         with_data(&a, |as_| {
             with_data(&gate, |gs| {
@@ -329,7 +346,7 @@ pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
 /// GELU-tanh of an f32 tensor, vectorised and parallel.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     let x = prep(x)?;
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = output_buffer(x.elem_count());
     with_data(&x, |xs| {
         out.par_chunks_mut(16384)
             .zip(xs.par_chunks(16384))
@@ -345,14 +362,14 @@ pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
     let (x, cos, sin) = (prep(x)?, prep(cos)?, prep(sin)?);
     let (_, n, d) = x.dims3()?;
     let hd = d / heads;
-    if cos.dims() != [n, hd / 2] || sin.dims() != [n, hd / 2] {
+    if d % heads != 0 || hd % 2 != 0 || cos.dims() != [n, hd / 2] || sin.dims() != [n, hd / 2] {
         candle_core::bail!(
             "rope_bnhd: tables {:?}/{:?} for {n} tokens of head dim {hd}",
             cos.shape(),
             sin.shape()
         );
     }
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = output_buffer(x.elem_count());
     with_data(&x, |xs| {
         with_data(&cos, |cs| {
             with_data(&sin, |ss| {
@@ -414,7 +431,7 @@ pub fn attention_bnhd(
     let qblocks = nq.div_ceil(ATT_BQ);
     let tasks = b * heads * qblocks;
     let scale = scale as f32;
-    let mut out = vec![0f32; q.elem_count()];
+    let mut out = output_buffer(q.elem_count());
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&q, |qs| {
         with_data(&k, |ks| {
@@ -625,7 +642,7 @@ pub fn conv3d_shifted_gemm(
         None => None,
     };
     let n = ho * wp;
-    let mut out = vec![0f32; b * o * t_out * ho * wo];
+    let mut out = output_buffer(b * o * t_out * ho * wo);
     let mut dst = vec![0f32; o * n];
     let w = prep(w)?;
     with_data(&w, |ws| {
@@ -739,7 +756,7 @@ pub fn channel_rms_silu(x: &Tensor, gamma: &Tensor, silu: bool) -> Result<Tensor
     // Tasks: (b, t, block of positions).
     let block = 4096.min(hw);
     let blocks = hw.div_ceil(block);
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = output_buffer(x.elem_count());
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&x, |xs| {
         (0..b * t * blocks).into_par_iter().for_each_init(
@@ -767,4 +784,96 @@ pub fn channel_rms_silu(x: &Tensor, gamma: &Tensor, silu: bool) -> Result<Tensor
         Ok(())
     })?;
     Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// `y = x·Wᵀ (+ bias) (+ residual)` for `x` `[M, K]`, `wt` = `Wᵀ` `[K, N]`, `bias` `[N]`,
+/// `residual` `[M, N]`: the output is pre-filled with residual + bias rows and one GEMM
+/// accumulates into it, so neither addition costs a pass of its own.
+pub fn linear(
+    x: &Tensor,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (x, wt) = (prep(x)?, prep(wt)?);
+    let (m, k) = x.dims2()?;
+    let (k2, n) = wt.dims2()?;
+    if k2 != k {
+        candle_core::bail!("linear: input {:?} but weight {:?}", x.shape(), wt.shape());
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != n) {
+        candle_core::bail!(
+            "linear: bias of {} for {n} outputs",
+            bias.map_or(0, |b| b.len())
+        );
+    }
+    let residual = residual.map(prep).transpose()?;
+    if let Some(r) = &residual {
+        if r.dims() != [m, n] {
+            candle_core::bail!("linear: residual {:?} for output [{m}, {n}]", r.shape());
+        }
+    }
+    let mut out = output_buffer(m * n);
+    let prefilled = bias.is_some() || residual.is_some();
+    let fill = |rows: &mut [f32], r0: usize, res: Option<&[f32]>| {
+        for (i, row) in rows.chunks_mut(n).enumerate() {
+            match (res, &bias) {
+                (Some(rs), Some(b)) => {
+                    for ((o, &r), &bv) in row.iter_mut().zip(&rs[(r0 + i) * n..]).zip(b) {
+                        *o = r + bv;
+                    }
+                }
+                (Some(rs), None) => row.copy_from_slice(&rs[(r0 + i) * n..(r0 + i + 1) * n]),
+                (None, Some(b)) => row.copy_from_slice(b),
+                (None, None) => {}
+            }
+        }
+    };
+    let rpt = rows_per_task(n);
+    match &residual {
+        Some(r) => with_data(r, |rs| {
+            out.par_chunks_mut(rpt * n)
+                .enumerate()
+                .for_each(|(ti, rows)| fill(rows, ti * rpt, Some(rs)));
+            Ok(())
+        })?,
+        None if prefilled => out
+            .par_chunks_mut(rpt * n)
+            .enumerate()
+            .for_each(|(ti, rows)| fill(rows, ti * rpt, None)),
+        None => {}
+    }
+    with_data(&x, |xs| {
+        with_data(&wt, |ws| {
+            // SAFETY: dst is m×n row-major, lhs m×k row-major, rhs k×n row-major, all in bounds.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    prefilled,
+                    xs.as_ptr(),
+                    1,
+                    k as isize,
+                    ws.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, (m, n), x.device())
 }

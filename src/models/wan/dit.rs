@@ -81,6 +81,7 @@ impl WanAttention {
         x: &Tensor,
         context: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let kv_in = context.unwrap_or(x);
@@ -106,7 +107,10 @@ impl WanAttention {
                 None => (q, k),
             };
             let o = kernels::attention_bnhd(&q, &k, &v, self.heads, 1.0 / (hd as f64).sqrt())?;
-            return self.to_out.forward(&o);
+            return match residual {
+                Some(r) => self.to_out.forward_add(&o, r),
+                None => self.to_out.forward(&o),
+            };
         }
         let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
         let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
@@ -123,7 +127,10 @@ impl WanAttention {
         }
         let o = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
         let o = o.transpose(1, 2)?.reshape((b, n, d))?;
-        self.to_out.forward(&o)
+        match residual {
+            Some(r) => self.to_out.forward_add(&o, r),
+            None => self.to_out.forward(&o),
+        }
     }
 }
 
@@ -184,13 +191,13 @@ impl WanBlock {
         let xf = x.to_dtype(DType::F32)?;
         if kernels::usable(x) {
             let h = kernels::norm_affine(&xf, &(scale + 1.0)?, Some(&shift), self.eps, true)?;
-            let a = self.attn1.forward(&h, None, Some(rope))?;
+            let a = self.attn1.forward(&h, None, Some(rope), None)?;
             let x = kernels::gated_residual(&xf, &a, &gate)?;
             let h = match &self.norm2 {
                 Some((w, b)) => kernels::norm_affine(&x, w, Some(b), self.eps, true)?,
                 None => x.clone(),
             };
-            let x = (&x + self.attn2.forward(&h, Some(context), None)?)?;
+            let x = self.attn2.forward(&h, Some(context), None, Some(&x))?;
             let h = kernels::norm_affine(&x, &(c_scale + 1.0)?, Some(&c_shift), self.eps, true)?;
             let f = self
                 .ffn_out
@@ -198,7 +205,7 @@ impl WanBlock {
             return kernels::gated_residual(&x, &f, &c_gate);
         }
         let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
-        let a = self.attn1.forward(&h, None, Some(rope))?;
+        let a = self.attn1.forward(&h, None, Some(rope), None)?;
         let x = (xf + mul_rows(&a.to_dtype(DType::F32)?, &gate)?)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
@@ -207,7 +214,7 @@ impl WanBlock {
             }
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, Some(context), None)?)?;
+        let x = (&x + self.attn2.forward(&h, Some(context), None, None)?)?;
 
         let xf = x.to_dtype(DType::F32)?;
         let h =
