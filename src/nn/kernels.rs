@@ -362,7 +362,11 @@ pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
     let (x, cos, sin) = (prep(x)?, prep(cos)?, prep(sin)?);
     let (_, n, d) = x.dims3()?;
     let hd = d / heads;
-    if d % heads != 0 || hd % 2 != 0 || cos.dims() != [n, hd / 2] || sin.dims() != [n, hd / 2] {
+    if !d.is_multiple_of(heads)
+        || !hd.is_multiple_of(2)
+        || cos.dims() != [n, hd / 2]
+        || sin.dims() != [n, hd / 2]
+    {
         candle_core::bail!(
             "rope_bnhd: tables {:?}/{:?} for {n} tokens of head dim {hd}",
             cos.shape(),
