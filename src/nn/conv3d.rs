@@ -14,8 +14,9 @@ const IM2COL_BUDGET: usize = 1 << 26;
 
 #[derive(Debug, Clone)]
 pub struct CausalConv3d {
-    /// `[C_out, kt * C_in, kh, kw]`, the temporal taps folded into input channels (tap-major).
-    weight: Tensor,
+    /// `[C_out, kt * C_in, kh, kw]`, the temporal taps folded into input channels (tap-major);
+    /// not kept when the shifted-GEMM kernel's weight is (one copy fewer at inference).
+    weight: Option<Tensor>,
     /// The PyTorch-layout weight `[C_out, C_in, kt, kh, kw]`. Training folds it on every call,
     /// so optimizer updates of this variable reach the convolution and gradients flow back.
     raw_weight: Tensor,
@@ -38,14 +39,17 @@ impl CausalConv3d {
         padding: (usize, usize, usize),
     ) -> Result<Self> {
         let (c_out, c_in, kt, kh, kw) = weight.dims5()?;
-        let folded = weight
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((c_out, kt * c_in, kh, kw))?
-            .contiguous()?;
-        let gemm_weight = if !crate::nn::differentiable() && weight.device().is_cpu() {
+        let gemm_weight = if !crate::nn::differentiable()
+            && weight.device().is_cpu()
+            && weight.dtype() == candle_core::DType::F32
+        {
             Some(crate::nn::kernels::conv3d_gemm_weight(weight)?)
         } else {
             None
+        };
+        let folded = match gemm_weight {
+            Some(_) => None,
+            None => Some(fold(weight)?),
         };
         Ok(Self {
             weight: folded,
@@ -161,7 +165,10 @@ impl CausalConv3d {
                 kw,
             ))?
         } else {
-            self.weight.clone()
+            match &self.weight {
+                Some(w) => w.clone(),
+                None => fold(&self.raw_weight)?,
+            }
         };
         let per_frame = b * h_out * w_out * kt * c * kh * kw;
         let chunk = (IM2COL_BUDGET / per_frame.max(1)).clamp(1, t_out);
@@ -204,6 +211,15 @@ impl CausalConv3d {
             Tensor::cat(&outs, 2)
         }
     }
+}
+
+/// `[C_out, C_in, kt, kh, kw]` → `[C_out, kt·C_in, kh, kw]` (temporal taps folded, tap-major).
+fn fold(weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c_in, kt, kh, kw) = weight.dims5()?;
+    weight
+        .permute((0, 2, 1, 3, 4))?
+        .reshape((c_out, kt * c_in, kh, kw))?
+        .contiguous()
 }
 
 /// A plain 1×1 or k×k `Conv2d` applied frame by frame to `[B, C, T, H, W]`.

@@ -110,9 +110,9 @@ fn groups(s: &Tensor) -> Result<usize> {
 }
 
 /// `x · s` where `x` is `[..., D]` and `s` is `[D]` (a weight) or `[B, 1, D]` with `x` `[B, N, D]`
-/// (modulation, gates).
+/// (modulation, gates). Other shapes take candle's broadcast op (same result, slower backward).
 pub fn mul_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
-    if !fast_grads(x) {
+    if !fast_grads(x) || super::kernels::group_count(x, s, "mul_rows").is_err() {
         return x.broadcast_mul(s);
     }
     let fast = x.detach().broadcast_mul(&s.detach())?;
@@ -126,7 +126,7 @@ pub fn mul_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
 
 /// `x + s` with the shapes of [`mul_rows`].
 pub fn add_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
-    if !fast_grads(x) {
+    if !fast_grads(x) || super::kernels::group_count(x, s, "add_rows").is_err() {
         return x.broadcast_add(s);
     }
     let fast = x.detach().broadcast_add(&s.detach())?;
@@ -180,10 +180,13 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight_t = if super::differentiable() {
-            weight.t()?
+        let (weight, weight_t) = if super::differentiable() {
+            let t = weight.t()?;
+            (weight, t)
         } else {
-            weight.t()?.contiguous()?
+            // Keep one copy: the [out, in] weight becomes a view of the transposed buffer.
+            let t = weight.t()?.contiguous()?;
+            (t.t()?, t)
         };
         Ok(Self {
             weight,

@@ -25,6 +25,8 @@ macro_rules! multiversion {
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: the CPU supports the features v4 is compiled for.
                     return unsafe { v4($($arg),*) };
@@ -71,9 +73,8 @@ pub fn exp_f32(x: f32) -> f32 {
 fn gelu_one(x: f32) -> f32 {
     const C: f32 = 0.797_884_6;
     let u = C * x * (1.0 + 0.044_715 * x * x);
-    // tanh(u) = 1 − 2/(e^{2u} + 1)
-    let t = 1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0);
-    0.5 * x * (1.0 + t)
+    // 0.5·(1 + tanh(u)) = 1 / (1 + e^{−2u}): no cancellation in the negative tail.
+    x / (1.0 + exp_f32(-2.0 * u))
 }
 
 multiversion! {
@@ -220,13 +221,30 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 
-/// Whether the fast kernels apply: CPU, f32, not recording gradients.
+/// Whether the fast kernels apply: CPU, f32, not recording gradients. The kernels return
+/// tensors without autograd history, so a training forward pass must run with the
+/// differentiable flag set on its own thread ([`super::set_differentiable`]).
 pub fn usable(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !super::differentiable()
 }
 
 fn prep(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// Checks a per-group operand of `x` `[.., D]`: `[D]` (one group) or `[G, 1, D]` with `G` equal
+/// to `x`'s leading dim (x `[G, N, D]`). Returns the number of groups.
+pub(crate) fn group_count(x: &Tensor, s: &Tensor, what: &str) -> Result<usize> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    match s.dims() {
+        [sd] if *sd == d => Ok(1),
+        [g, 1, sd] if *sd == d && x.rank() == 3 && x.dim(0)? == *g => Ok(*g),
+        _ => candle_core::bail!(
+            "{what}: operand {:?} is neither [{d}] nor [B, 1, {d}] for input {:?}",
+            s.shape(),
+            x.shape()
+        ),
+    }
 }
 
 /// Rows per parallel task for rows of length `d`: about 64 KiB of input.
@@ -248,14 +266,15 @@ pub fn norm_affine(
     let mul = prep(mul)?;
     let add = add.map(prep).transpose()?;
     let d = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / d;
-    let groups = mul.elem_count() / d;
-    if groups == 0 || rows % groups != 0 || mul.elem_count() % d != 0 {
-        candle_core::bail!(
-            "norm_affine: {:?} does not split into {groups} groups of {:?}",
-            x.shape(),
-            mul.shape()
-        );
+    let rows = x.elem_count() / d.max(1);
+    let groups = group_count(&x, &mul, "norm_affine")?;
+    if let Some(a) = &add {
+        if a.shape() != mul.shape() {
+            candle_core::bail!("norm_affine: add {:?} but mul {:?}", a.shape(), mul.shape());
+        }
+    }
+    if rows == 0 || d == 0 {
+        return Ok(x);
     }
     let per_group = rows / groups;
     let mut out = output_buffer(x.elem_count());
@@ -306,15 +325,13 @@ pub fn norm_affine(
 pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (x, a, gate) = (prep(x)?, prep(a)?, prep(gate)?);
     let d = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / d;
-    let groups = gate.elem_count() / d;
-    if x.shape() != a.shape() || groups == 0 || rows % groups != 0 {
-        candle_core::bail!(
-            "gated_residual: shapes {:?} {:?} {:?}",
-            x.shape(),
-            a.shape(),
-            gate.shape()
-        );
+    let rows = x.elem_count() / d.max(1);
+    if x.shape() != a.shape() {
+        candle_core::bail!("gated_residual: shapes {:?} and {:?}", x.shape(), a.shape());
+    }
+    let groups = group_count(&x, &gate, "gated_residual")?;
+    if rows == 0 || d == 0 {
+        return Ok(x);
     }
     let per_group = rows / groups;
     let mut out = output_buffer(x.elem_count());
@@ -611,9 +628,17 @@ pub fn conv3d_shifted_gemm(
         );
     }
     let (hp, wp) = (h + 2 * ph, wd + 2 * pw);
+    if hp < kh || wp < kw || st == 0 {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: padded frame {hp}×{wp} smaller than the kernel {kh}×{kw}"
+        );
+    }
     let (ho, wo) = (hp - kh + 1, wp - kw + 1);
     let t_out = (t - kt) / st + 1;
     let plane = hp * wp;
+    if b == 0 || c == 0 || o == 0 || h == 0 || wd == 0 {
+        candle_core::bail!("conv3d_shifted_gemm: empty input {:?}", first.shape());
+    }
     // Padded planes [B, T, C, Hp, Wp] plus slack: the last tap of the last row reads up to
     // kw − 1 elements past the final plane (into columns that are dropped). Zero frames first.
     let mut xp = vec![0f32; b * t * c * plane + wp];
@@ -645,6 +670,12 @@ pub fn conv3d_shifted_gemm(
         Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
+    if bias_v.as_ref().is_some_and(|v| v.len() != o) {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: bias {:?} for {o} output channels",
+            bias.map(|b| b.shape().clone())
+        );
+    }
     let n = ho * wp;
     let mut out = output_buffer(b * o * t_out * ho * wo);
     let mut dst = vec![0f32; o * n];
@@ -756,6 +787,9 @@ pub fn channel_rms_silu(x: &Tensor, gamma: &Tensor, silu: bool) -> Result<Tensor
         candle_core::bail!("channel_rms_silu: {} gains for {c} channels", gamma.len());
     }
     let hw = h * w;
+    if x.elem_count() == 0 {
+        return Ok(x);
+    }
     let sqrt_c = (c as f32).sqrt();
     // Tasks: (b, t, block of positions).
     let block = 4096.min(hw);

@@ -89,8 +89,8 @@ impl AdamW {
                 w = (w * (1.0 - lr * c.weight_decay))?;
             }
             var.set(&(w - (update * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+            self.m.insert(name.clone(), m.detach());
+            self.v.insert(name.clone(), v.detach());
         }
         Ok(())
     }
@@ -163,7 +163,10 @@ impl Ema {
     pub fn new(params: &Params, decay: f64) -> Result<Self> {
         let mut shadow = HashMap::new();
         for (k, v) in params {
-            shadow.insert(k.clone(), v.as_tensor().copy()?);
+            // `copy` of a variable records the op: detach, or every update's shadow would
+            // keep the previous one (and its temporaries) alive: a leak of ~7 MB per DiT step
+            // in fresh runs (resumed runs load a plain tensor and did not leak).
+            shadow.insert(k.clone(), v.as_tensor().detach().copy()?.detach());
         }
         Ok(Self { decay, shadow })
     }
@@ -176,7 +179,7 @@ impl Ema {
                 .shadow
                 .get(k)
                 .context("EMA shadow missing a parameter")?;
-            let n = ((s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+            let n = ((s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
             self.shadow.insert(k.clone(), n);
         }
         Ok(())

@@ -130,6 +130,25 @@ fn train_loss_falls_on_a_fixed_batch() {
     eprintln!("loss {first:.4} -> {last:.4}");
     assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
     assert!(dir.join("loss.csv").is_file());
+    // Optimiser state must hold plain tensors: one that records ops keeps every earlier
+    // step's graph alive (a fresh DiT run once grew to 24 GB and was OOM-killed).
+    let ema = out.ema.expect("EMA kept");
+    for (name, t) in &ema.shadow {
+        assert!(
+            !t.track_op(),
+            "EMA shadow of {name} carries an autograd graph"
+        );
+    }
+    let ps = params(&varmap);
+    let mut opt = sora::train::optim::AdamW::new(Default::default());
+    let grads = fm_loss(&dit, &x0, &noise, &ctx, &sig).backward().unwrap();
+    opt.step(&ps, &grads, 1e-3).unwrap();
+    for (name, t) in opt.state() {
+        assert!(
+            !t.track_op(),
+            "AdamW moment {name} carries an autograd graph"
+        );
+    }
 }
 
 #[test]
