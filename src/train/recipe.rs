@@ -123,8 +123,8 @@ impl Recipe {
             dit_sigma_shift: 3.0,
             seed: 2026,
             steps: 24,
-            guidance: 4.0,
-            shift: 2.0,
+            guidance: 6.0,
+            shift: 3.0,
         }
     }
 
