@@ -504,7 +504,7 @@ fn print_plan(printer: &Printer, job: &Job, e: &Estimate, info: &ModelInfo) {
         "plan for {}: {} frames {}×{} (generated {}×{}, {} frames) @ {} fps, {} steps, cfg {}\n\
   latent {}×{}×{}×{} (C×T×H×W); {} window(s) of {} tokens; VAE decode in {} tile(s)\n\
   memory: weights {}, text encode {}, denoise {}, decode {}; peak ≈ {}\n\
-  time on this machine ≈ {:.0} s (denoise {:.0} s for {:.2} TFLOP, decode {:.0} s for {:.2} TFLOP)",
+  time on this machine ≈ {:.0} s (denoise {:.1} s for {:.2} TFLOP, decode {:.1} s for {:.2} TFLOP; GEMM probe {:.0} GFLOP/s)",
         job.out.display(),
         job.write_frames,
         job.width,
@@ -532,6 +532,7 @@ fn print_plan(printer: &Printer, job: &Job, e: &Estimate, info: &ModelInfo) {
         e.denoise_tflop,
         e.decode_secs,
         e.decode_tflop,
+        e.gemm_gflops,
     );
     printer.result(
         json!({"index": job.index, "status": "plan", "path": job.out, "model": info.name, "width": job.width, "height": job.height,

@@ -86,35 +86,43 @@ pub struct Estimate {
     pub denoise_secs: f64,
     pub decode_secs: f64,
     pub total_secs: f64,
+    /// The GEMM rate the time estimate is based on.
+    pub gemm_gflops: f64,
 }
 
-/// Sustained throughput (GFLOP/s) of sora's DiT and VAE on CPU, as multiples of the 512³ GEMM
-/// probe's rate (which undersells large GEMMs). Measured with the CPU kernels on the 2-core
-/// development machines: DiT 0.81 (bundled model, 60 s clip) and 1.5 (512-wide mid model,
-/// 256²×17); VAE 0.30 and 1.05. The constants are the geometric means, so both cases land
-/// within 2× of the estimate.
-pub const DIT_EFFICIENCY: f64 = 1.1;
-pub const VAE_EFFICIENCY: f64 = 0.55;
+/// Sustained throughput of sora's DiT and VAE on CPU, as fractions of the 1024³ GEMM probe
+/// ([`measure_gemm_gflops`], 324 GFLOP/s on the 2-core development machine). Measured with the
+/// CPU kernels: DiT 122 / 252 / 126 GFLOP/s and VAE 45 / 173 / 52 GFLOP/s for the bundled model's
+/// 60 s clip, the 512-wide side-by-side model at 256²×17, and the bundled model at 1920×1080
+/// (tiles). The constants are about the geometric means (157 and ~88 GFLOP/s): those runs'
+/// totals land within 1.8× of the estimate, their stage times within about 2×.
+pub const DIT_EFFICIENCY: f64 = 0.48;
+pub const VAE_EFFICIENCY: f64 = 0.27;
 
-/// Measures the machine's f32 matmul rate in GFLOP/s (a 512³ product, best of 3).
+/// Measures the machine's f32 matmul rate in GFLOP/s: a 1024³ product, best of 5 after one
+/// warm-up (a 512³ best-of-3 probe varied by 2× between runs).
 pub fn measure_gemm_gflops() -> f64 {
     use candle_core::{Device, Tensor};
+    const N: usize = 1024;
     let dev = Device::Cpu;
     let (Ok(a), Ok(b)) = (
-        Tensor::ones((512, 512), candle_core::DType::F32, &dev),
-        Tensor::ones((512, 512), candle_core::DType::F32, &dev),
+        Tensor::ones((N, N), candle_core::DType::F32, &dev),
+        Tensor::ones((N, N), candle_core::DType::F32, &dev),
     ) else {
         return 50.0;
     };
+    if a.matmul(&b).is_err() {
+        return 50.0;
+    }
     let mut best = f64::MAX;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t = std::time::Instant::now();
         if a.matmul(&b).is_err() {
             return 50.0;
         }
         best = best.min(t.elapsed().as_secs_f64());
     }
-    2.0 * 512f64.powi(3) / best.max(1e-6) / 1e9
+    2.0 * (N as f64).powi(3) / best.max(1e-6) / 1e9
 }
 
 /// Estimates memory and time of `req` on a machine doing `gemm_gflops`, with weights stored as
@@ -271,6 +279,7 @@ pub fn estimate(
         denoise_secs,
         decode_secs,
         total_secs: denoise_secs + decode_secs,
+        gemm_gflops,
     }
 }
 
