@@ -641,31 +641,51 @@ pub fn conv3d_shifted_gemm(
     }
     // Padded planes [B, T, C, Hp, Wp] plus slack: the last tap of the last row reads up to
     // kw − 1 elements past the final plane (into columns that are dropped). Zero frames first.
-    let mut xp = vec![0f32; b * t * c * plane + wp];
-    let mut t0 = zero_front;
-    for part in &parts {
-        let tp = part.dim(2)?;
-        with_data(part, |xs| {
-            xp[..b * t * c * plane]
-                .par_chunks_mut(plane)
-                .enumerate()
-                .for_each(|(i, dst)| {
-                    let ci = i % c;
-                    let ti = (i / c) % t;
-                    let bi = i / (c * t);
-                    if ti < t0 || ti >= t0 + tp {
-                        return;
-                    }
-                    let src = &xs[((bi * c + ci) * tp + (ti - t0)) * h * wd..][..h * wd];
-                    for y in 0..h {
-                        dst[(y + ph) * wp + pw..(y + ph) * wp + pw + wd]
-                            .copy_from_slice(&src[y * wd..(y + 1) * wd]);
-                    }
-                });
-            Ok(())
-        })?;
-        t0 += tp;
+    // Every plane is written exactly once (interior copied, padding border zeroed; zero frames
+    // zeroed whole), so the buffer needs no zero fill of its own.
+    let mut xp = output_buffer(b * t * c * plane + wp);
+    xp[b * t * c * plane..].fill(0.0);
+    // Which input part (and frame within it) feeds each of the t frames.
+    let mut source: Vec<Option<(usize, usize)>> = vec![None; zero_front];
+    for (pi, part) in parts.iter().enumerate() {
+        source.extend((0..part.dim(2)?).map(|f| Some((pi, f))));
     }
+    let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(parts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("conv3d_shifted_gemm: input is not on the CPU");
+        };
+        let Some((s0, s1)) = layout.contiguous_offsets() else {
+            candle_core::bail!("conv3d_shifted_gemm: input is not contiguous");
+        };
+        slices.push(&cpu.as_slice::<f32>()?[s0..s1]);
+    }
+    let part_t: Vec<usize> = parts.iter().map(|p| p.dim(2).unwrap_or(0)).collect();
+    xp[..b * t * c * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let ci = i % c;
+            let ti = (i / c) % t;
+            let bi = i / (c * t);
+            let Some((pi, f)) = source[ti] else {
+                dst.fill(0.0);
+                return;
+            };
+            let tp = part_t[pi];
+            let src = &slices[pi][((bi * c + ci) * tp + f) * h * wd..][..h * wd];
+            dst[..ph * wp].fill(0.0);
+            dst[(ph + h) * wp..].fill(0.0);
+            for y in 0..h {
+                let row = &mut dst[(y + ph) * wp..(y + ph + 1) * wp];
+                row[..pw].fill(0.0);
+                row[pw..pw + wd].copy_from_slice(&src[y * wd..(y + 1) * wd]);
+                row[pw + wd..].fill(0.0);
+            }
+        });
+    drop(slices);
+    drop(guards);
     let bias_v: Option<Vec<f32>> = match bias {
         Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
@@ -678,7 +698,8 @@ pub fn conv3d_shifted_gemm(
     }
     let n = ho * wp;
     let mut out = output_buffer(b * o * t_out * ho * wo);
-    let mut dst = vec![0f32; o * n];
+    // The first tap's GEMM overwrites all of it (read_dst = false).
+    let mut dst = output_buffer(o * n);
     let w = prep(w)?;
     with_data(&w, |ws| {
         for bi in 0..b {
