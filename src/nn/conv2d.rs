@@ -4,7 +4,7 @@
 //! (weight gradient): on CPU about 10× faster than candle's conv2d backward, which runs a
 //! direct transposed convolution and a convolution with image-sized kernels.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `x`: `[N, C, H, W]`, `w`: `[O, C, kh, kw]`, symmetric zero `padding`, equal `stride` on
@@ -18,11 +18,9 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let y = if crate::nn::differentiable() && x.device().is_cpu() {
         let fast = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
-        x.apply_op3_arc(
-            w,
-            &fast,
-            std::sync::Arc::new(Box::new(ConvGrad { padding, stride })),
-        )?
+        super::fused::attach(x, w, fast, "conv2d-fast-grad", move |x, w, g| {
+            conv2d_grads(x, w, g, padding, stride)
+        })?
     } else {
         x.conv2d(w, padding, stride, 1, 1)?
     };
@@ -32,84 +30,57 @@ pub fn conv2d(
     }
 }
 
-/// Identity on the precomputed output (third argument); gradients for the input and weight.
-struct ConvGrad {
-    padding: usize,
-    stride: usize,
-}
+/// Gradients of `conv2d(x, w)` (no bias) for the input and the weight, given the output
+/// gradient `g`.
+fn conv2d_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    p: usize,
+    s: usize,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let g = g.contiguous()?;
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, _, kh, kw) = w.dims4()?;
+    let (_, _, ho, wo) = g.dims4()?;
+    let (hp, wp) = (h + 2 * p, wd + 2 * p);
 
-impl CustomOp3 for ConvGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-fast-grad"
-    }
+    // Input gradient: full correlation of the (dilated) output gradient with the flipped,
+    // transposed kernel, then the padding cropped away.
+    let gd = dilate(&dilate(&g, 2, s)?, 3, s)?;
+    let gd = gd
+        .pad_with_zeros(2, 0, (hp - kh) % s)?
+        .pad_with_zeros(3, 0, (wp - kw) % s)?;
+    let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    let gx_pad = if kh == kw {
+        gd.conv2d(&wf, kh - 1, 1, 1, 1)?
+    } else {
+        gd.pad_with_zeros(2, kh - 1, kh - 1)?
+            .pad_with_zeros(3, kw - 1, kw - 1)?
+            .conv2d(&wf, 0, 1, 1, 1)?
+    };
+    let gx = gx_pad.narrow(2, p, h)?.narrow(3, p, wd)?;
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !ly.is_contiguous() || ly.start_offset() != 0 {
-            candle_core::bail!("conv2d-fast-grad: the precomputed output must be contiguous");
+    // Weight gradient: one [O, N·H'·W'] × [N·H'·W', C] product per kernel tap.
+    let gt = g.transpose(0, 1)?.contiguous()?.reshape((o, n * ho * wo))?;
+    let xp = if p > 0 {
+        x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
+    } else {
+        x.clone()
+    };
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            let xs = strided(&strided(&xp, 2, i, ho, s)?, 3, j, wo, s)?;
+            let xs = xs
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((c, n * ho * wo))?;
+            taps.push(gt.matmul(&xs.t()?)?); // [O, C]
         }
-        Ok((y.clone(), ly.shape().clone()))
     }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w, g) = (x.detach(), w.detach(), grad.detach().contiguous()?);
-        let (n, c, h, wd) = x.dims4()?;
-        let (o, _, kh, kw) = w.dims4()?;
-        let (_, _, ho, wo) = g.dims4()?;
-        let (p, s) = (self.padding, self.stride);
-        let (hp, wp) = (h + 2 * p, wd + 2 * p);
-
-        // Input gradient: full correlation of the (dilated) output gradient with the flipped,
-        // transposed kernel, then the padding cropped away.
-        let gd = dilate(&dilate(&g, 2, s)?, 3, s)?;
-        let gd = gd
-            .pad_with_zeros(2, 0, (hp - kh) % s)?
-            .pad_with_zeros(3, 0, (wp - kw) % s)?;
-        let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let gx_pad = if kh == kw {
-            gd.conv2d(&wf, kh - 1, 1, 1, 1)?
-        } else {
-            gd.pad_with_zeros(2, kh - 1, kh - 1)?
-                .pad_with_zeros(3, kw - 1, kw - 1)?
-                .conv2d(&wf, 0, 1, 1, 1)?
-        };
-        let gx = gx_pad.narrow(2, p, h)?.narrow(3, p, wd)?;
-
-        // Weight gradient: one [O, N·H'·W'] × [N·H'·W', C] product per kernel tap.
-        let gt = g.transpose(0, 1)?.contiguous()?.reshape((o, n * ho * wo))?;
-        let xp = if p > 0 {
-            x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
-        } else {
-            x
-        };
-        let mut taps = Vec::with_capacity(kh * kw);
-        for i in 0..kh {
-            for j in 0..kw {
-                let xs = strided(&strided(&xp, 2, i, ho, s)?, 3, j, wo, s)?;
-                let xs = xs
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((c, n * ho * wo))?;
-                taps.push(gt.matmul(&xs.t()?)?); // [O, C]
-            }
-        }
-        let gw = Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))?;
-        Ok((Some(gx), Some(gw), None))
-    }
+    let gw = Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))?;
+    Ok((Some(gx), Some(gw)))
 }
 
 /// Inserts `s − 1` zeros between elements along `dim` (no-op for `s = 1`).

@@ -57,8 +57,10 @@ impl CustomOp3 for WithGrad {
     }
 }
 
-/// `fast` must be computed from detached inputs: it is the result, not a node of the graph.
-fn attach(
+/// Returns `fast` as a node of the graph over `a` and `b` whose backward pass is `grad(a, b, g)`
+/// (all three detached). `fast` must be computed from detached inputs: it is the result, not a
+/// node of the graph.
+pub(crate) fn attach(
     a: &Tensor,
     b: &Tensor,
     fast: Tensor,
@@ -103,12 +105,6 @@ fn grouped(x: &Tensor, g: usize) -> Result<Tensor> {
     x.reshape((g, rows / g, d))
 }
 
-/// Number of groups of a per-group operand: `[D]` → 1, `[G, 1, D]` → G.
-fn groups(s: &Tensor) -> Result<usize> {
-    let d = s.dim(candle_core::D::Minus1)?;
-    Ok(s.elem_count() / d)
-}
-
 /// `x · s` where `x` is `[..., D]` and `s` is `[D]` (a weight) or `[B, 1, D]` with `x` `[B, N, D]`
 /// (modulation, gates). Other shapes take candle's broadcast op (same result, slower backward).
 pub fn mul_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
@@ -118,7 +114,7 @@ pub fn mul_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     let fast = x.detach().broadcast_mul(&s.detach())?;
     attach(x, s, fast, "mul-rows", |x, s, g| {
         let gx = g.broadcast_mul(s)?;
-        let n = groups(s)?;
+        let n = super::kernels::group_count(x, s, "mul_rows")?;
         let gs = sum_rows(&grouped(&(g * x)?, n)?)?.reshape(s.shape())?;
         Ok((Some(gx), Some(gs)))
     })
@@ -130,11 +126,20 @@ pub fn add_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
         return x.broadcast_add(s);
     }
     let fast = x.detach().broadcast_add(&s.detach())?;
-    attach(x, s, fast, "add-rows", |_x, s, g| {
-        let n = groups(s)?;
+    attach(x, s, fast, "add-rows", |x, s, g| {
+        let n = super::kernels::group_count(x, s, "add_rows")?;
         let gs = sum_rows(&grouped(g, n)?)?.reshape(s.shape())?;
         Ok((Some(g.clone()), Some(gs)))
     })
+}
+
+/// The gated residual `x + a·gate` (`gate` `[B, 1, D]` with `x`, `a` `[B, N, D]`, or `[D]`): one
+/// fused pass on CPU at inference, else [`mul_rows`] and an add.
+pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if super::kernels::usable(x) {
+        return super::kernels::gated_residual(x, a, gate);
+    }
+    x + mul_rows(a, gate)?
 }
 
 /// GELU with the tanh approximation (`gelu_new`, `approximate="tanh"`): candle's forward, and
@@ -207,44 +212,53 @@ impl Linear {
 impl Linear {
     /// `forward(x) + residual`; on CPU at inference the residual is added inside the GEMM.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if super::kernels::usable(x) && self.weight_t.is_contiguous() {
-            let dims = x.dims().to_vec();
-            let k = *dims.last().expect("linear input has a last dim");
-            let m = x.elem_count() / k.max(1);
-            let n = self.weight.dim(0)?;
-            let r2 = residual.reshape((m, n))?;
-            let y = super::kernels::linear(
-                &x.reshape((m, k))?,
-                &self.weight_t,
-                self.bias.as_ref(),
-                Some(&r2),
-            )?;
-            return y.reshape(residual.shape());
+        if self.kernel_usable(x) {
+            return self.kernel_forward(x, Some(residual));
         }
         self.forward(x)? + residual
+    }
+
+    fn kernel_usable(&self, x: &Tensor) -> bool {
+        super::kernels::usable(x) && self.weight_t.is_contiguous()
+    }
+
+    /// `x` flattened to 2-D and back around `op`, which maps `[M, K]` to `[M, out]`.
+    fn rows2d(
+        &self,
+        x: &Tensor,
+        op: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let k = *dims.last().expect("linear input has a last dim");
+        let m = x.elem_count() / k.max(1);
+        let y = op(&x.reshape((m, k))?, m)?;
+        *dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        y.reshape(dims)
+    }
+
+    /// One GEMM with bias (and `residual`, shaped like the output) pre-filled into the output.
+    fn kernel_forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.rows2d(x, |x2, m| {
+            let r2 = residual
+                .map(|r| r.reshape((m, self.weight.dim(0)?)))
+                .transpose()?;
+            super::kernels::linear(x2, &self.weight_t, self.bias.as_ref(), r2.as_ref())
+        })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("linear input has a last dim");
-        let m = x.elem_count() / k.max(1);
-        let x2 = x.reshape((m, k))?;
-        if super::kernels::usable(x) && self.weight_t.is_contiguous() {
-            let y = super::kernels::linear(&x2, &self.weight_t, self.bias.as_ref(), None)?;
-            let mut out = dims;
-            *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
-            return y.reshape(out);
+        if self.kernel_usable(x) {
+            return self.kernel_forward(x, None);
         }
-        let y = x2.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(b) => add_rows(&y, b)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
-        y.reshape(out)
+        self.rows2d(x, |x2, _| {
+            let y = x2.matmul(&self.weight_t)?;
+            match &self.bias {
+                Some(b) => add_rows(&y, b),
+                None => Ok(y),
+            }
+        })
     }
 }
 

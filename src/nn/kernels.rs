@@ -7,7 +7,7 @@
 //! baseline) and picked at run time, so one binary is fast on new CPUs and safe on old ones.
 //! Results match the composed candle ops to float rounding (tests/it/kernels.rs).
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Compiles `body` for AVX-512, AVX2+FMA and baseline x86-64 and dispatches at run time.
@@ -209,16 +209,21 @@ fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
-/// Runs `f` on the contiguous f32 data of `t` (which must be a contiguous CPU f32 tensor).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("CPU kernel called on a {:?} tensor", t.device());
+/// The contiguous f32 data behind a tensor's storage guard (`Tensor::storage_and_layout`).
+fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("CPU kernel called on a {:?} tensor", storage.device());
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("CPU kernel needs a contiguous tensor, got {:?}", layout);
     };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    Ok(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// Runs `f` on the contiguous f32 data of `t` (which must be a contiguous CPU f32 tensor).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    f(cpu_data(&storage, layout)?)
 }
 
 /// Whether the fast kernels apply: CPU, f32, not recording gradients. The kernels return
@@ -278,46 +283,41 @@ pub fn norm_affine(
     }
     let per_group = rows / groups;
     let mut out = output_buffer(x.elem_count());
+    let add_guard = add.as_ref().map(|a| a.storage_and_layout());
+    let adds = match &add_guard {
+        Some((storage, layout)) => Some(cpu_data(storage, layout)?),
+        None => None,
+    };
     with_data(&x, |xs| {
         with_data(&mul, |ms| {
-            let mut run = |adds: Option<&[f32]>| {
-                let rpt = rows_per_task(d);
-                out.par_chunks_mut(rpt * d)
-                    .zip(xs.par_chunks(rpt * d))
-                    .enumerate()
-                    .for_each(|(ti, (o, xc))| {
-                        for (ri, (orow, xrow)) in o.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
-                            let g = (ti * rpt + ri) / per_group;
-                            let mean = if centre {
-                                row_sums(xrow) / d as f32
-                            } else {
-                                0.0
-                            };
-                            let var = row_sq_dev(xrow, mean) / d as f32;
-                            let std = (var + eps as f32).sqrt();
-                            norm_row(
-                                xrow,
-                                mean,
-                                std,
-                                &ms[g * d..(g + 1) * d],
-                                adds.map(|a| &a[g * d..(g + 1) * d]),
-                                orow,
-                            );
-                        }
-                    });
-            };
-            match &add {
-                Some(a) => with_data(a, |as_| {
-                    run(Some(as_));
-                    Ok(())
-                }),
-                None => {
-                    run(None);
-                    Ok(())
-                }
-            }
+            let rpt = rows_per_task(d);
+            out.par_chunks_mut(rpt * d)
+                .zip(xs.par_chunks(rpt * d))
+                .enumerate()
+                .for_each(|(ti, (o, xc))| {
+                    for (ri, (orow, xrow)) in o.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
+                        let g = (ti * rpt + ri) / per_group;
+                        let mean = if centre {
+                            row_sums(xrow) / d as f32
+                        } else {
+                            0.0
+                        };
+                        let var = row_sq_dev(xrow, mean) / d as f32;
+                        let std = (var + eps as f32).sqrt();
+                        norm_row(
+                            xrow,
+                            mean,
+                            std,
+                            &ms[g * d..(g + 1) * d],
+                            adds.map(|a| &a[g * d..(g + 1) * d]),
+                            orow,
+                        );
+                    }
+                });
+            Ok(())
         })
     })?;
+    drop(add_guard);
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
@@ -651,16 +651,10 @@ pub fn conv3d_shifted_gemm(
         source.extend((0..part.dim(2)?).map(|f| Some((pi, f))));
     }
     let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(parts.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("conv3d_shifted_gemm: input is not on the CPU");
-        };
-        let Some((s0, s1)) = layout.contiguous_offsets() else {
-            candle_core::bail!("conv3d_shifted_gemm: input is not contiguous");
-        };
-        slices.push(&cpu.as_slice::<f32>()?[s0..s1]);
-    }
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| cpu_data(storage, layout))
+        .collect::<Result<Vec<&[f32]>>>()?;
     let part_t: Vec<usize> = parts.iter().map(|p| p.dim(2).unwrap_or(0)).collect();
     xp[..b * t * c * plane]
         .par_chunks_mut(plane)

@@ -1,5 +1,7 @@
 //! Float32 norms of the Wan family and T5. Each upcasts to f32, normalises, and returns the
-//! input dtype, as the reference does with `FP32LayerNorm` and `.float()` calls.
+//! input dtype, as the reference does with `FP32LayerNorm` and `.float()` calls. On CPU at
+//! inference, the affine and modulated forms run as one fused kernel pass
+//! ([`super::kernels::norm_affine`]); otherwise (training, other devices) as candle ops.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -18,6 +20,9 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dim with weight and bias, computed in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::kernels::usable(x) {
+        return super::kernels::norm_affine(x, weight, Some(bias), eps, true);
+    }
     let dtype = x.dtype();
     let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, eps)?;
     let y = super::fused::mul_rows(&y, &weight.to_dtype(DType::F32)?)?;
@@ -26,6 +31,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// RMSNorm over the last dim (`torch.nn.RMSNorm`, T5's `T5LayerNorm`): `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::kernels::usable(x) {
+        return super::kernels::norm_affine(x, weight, None, eps, false);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let y = super::fused::normalize(&x, eps, false, |x| {
@@ -33,6 +41,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         x.broadcast_div(&(ms + eps)?.sqrt()?)
     })?;
     super::fused::mul_rows(&y, &weight.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}
+
+/// LayerNorm without affine terms, then adaLN modulation `·(1 + scale) + shift` with `[B, 1, D]`
+/// `shift`/`scale` (the Wan DiT's blocks and output head). Returns f32.
+pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let mul = (scale + 1.0)?;
+    if super::kernels::usable(&x) {
+        return super::kernels::norm_affine(&x, &mul, Some(shift), eps, true);
+    }
+    let y = layer_norm_no_affine(&x, eps)?;
+    super::fused::add_rows(&super::fused::mul_rows(&y, &mul)?, shift)
 }
 
 /// Wan VAE's `WanRMS_norm` on channel-first tensors: L2-normalise over dim 1

@@ -73,3 +73,15 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
         "{what}: max abs err {err:.3e} exceeds {tol:.0e}"
     );
 }
+
+/// A CPU f32 tensor of standard-normal values, deterministic from `seed` (ChaCha8).
+pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}

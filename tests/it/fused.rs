@@ -1,21 +1,10 @@
 //! The training-time backward passes of `sora::nn::fused` against candle's own autograd of the
 //! same computation written with plain candle ops.
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Module, Tensor, Var, D};
 use sora::nn::fused;
 
-use crate::common::assert_close;
-
-fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use crate::common::{assert_close, randn};
 
 /// Runs `f` on fresh variables in differentiable mode and returns the output and the gradients
 /// of `Σ out·r` (r a fixed random tensor) with respect to each input.

@@ -1,21 +1,10 @@
 //! The hand-written CPU inference kernels (`sora::nn::kernels`) against the composed candle
 //! ops they replace, on shapes that cross every block boundary.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use sora::nn::kernels;
 
-use crate::common::assert_close;
-
-fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use crate::common::{assert_close, randn};
 
 #[test]
 fn kernel_exp_is_accurate_over_the_softmax_range() {

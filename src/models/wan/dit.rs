@@ -16,9 +16,9 @@ use super::config::WanTransformerConfig;
 use super::keys::{self, Layout};
 use super::rope::{apply_rope, WanRope};
 use crate::nn::attention;
-use crate::nn::fused::{add_rows, gelu_tanh, linear, mul_rows, Linear};
+use crate::nn::fused::{gated_residual, gelu_tanh, linear, Linear};
 use crate::nn::kernels;
-use crate::nn::norm::{layer_norm, layer_norm_no_affine, rms_norm};
+use crate::nn::norm::{layer_norm, layer_norm_modulate, rms_norm};
 use crate::weights::TensorStore;
 
 /// Sinusoidal timestep embedding with cos before sin (`Timesteps(flip_sin_to_cos=True,
@@ -87,18 +87,12 @@ impl WanAttention {
         let kv_in = context.unwrap_or(x);
         let l = kv_in.dim(1)?;
         let hd = d / self.heads;
-        if kernels::usable(x) {
+        let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
+        let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
+        let v = self.to_v.forward(kv_in)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = if kernels::usable(x) {
             // Fused CPU path on the [B, N, H·Dh] layout: no head transposes or copies.
-            let q =
-                kernels::norm_affine(&self.to_q.forward(x)?, &self.norm_q, None, self.eps, false)?;
-            let k = kernels::norm_affine(
-                &self.to_k.forward(kv_in)?,
-                &self.norm_k,
-                None,
-                self.eps,
-                false,
-            )?;
-            let v = self.to_v.forward(kv_in)?;
             let (q, k) = match rope {
                 Some((cos, sin)) => (
                     kernels::rope_bnhd(&q, cos, sin, self.heads)?,
@@ -106,27 +100,21 @@ impl WanAttention {
                 ),
                 None => (q, k),
             };
-            let o = kernels::attention_bnhd(&q, &k, &v, self.heads, 1.0 / (hd as f64).sqrt())?;
-            return match residual {
-                Some(r) => self.to_out.forward_add(&o, r),
-                None => self.to_out.forward(&o),
+            kernels::attention_bnhd(&q, &k, &v, self.heads, scale)?
+        } else {
+            let split = |t: Tensor, len: usize| -> Result<Tensor> {
+                t.reshape((b, len, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
-        }
-        let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
-        let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
-        let v = self.to_v.forward(kv_in)?;
-        let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+            let (mut q, mut k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
+            if let Some((cos, sin)) = rope {
+                q = apply_rope(&q, cos, sin)?;
+                k = apply_rope(&k, cos, sin)?;
+            }
+            let o = attention(&q, &k, &v, scale, None)?;
+            o.transpose(1, 2)?.reshape((b, n, d))?
         };
-        let (mut q, mut k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
-        if let Some((cos, sin)) = rope {
-            q = apply_rope(&q, cos, sin)?;
-            k = apply_rope(&k, cos, sin)?;
-        }
-        let o = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
-        let o = o.transpose(1, 2)?.reshape((b, n, d))?;
         match residual {
             Some(r) => self.to_out.forward_add(&o, r),
             None => self.to_out.forward(&o),
@@ -189,24 +177,9 @@ impl WanBlock {
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         let xf = x.to_dtype(DType::F32)?;
-        if kernels::usable(x) {
-            let h = kernels::norm_affine(&xf, &(scale + 1.0)?, Some(&shift), self.eps, true)?;
-            let a = self.attn1.forward(&h, None, Some(rope), None)?;
-            let x = kernels::gated_residual(&xf, &a, &gate)?;
-            let h = match &self.norm2 {
-                Some((w, b)) => kernels::norm_affine(&x, w, Some(b), self.eps, true)?,
-                None => x.clone(),
-            };
-            let x = self.attn2.forward(&h, Some(context), None, Some(&x))?;
-            let h = kernels::norm_affine(&x, &(c_scale + 1.0)?, Some(&c_shift), self.eps, true)?;
-            let f = self
-                .ffn_out
-                .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
-            return kernels::gated_residual(&x, &f, &c_gate);
-        }
-        let h = modulate(&layer_norm_no_affine(&xf, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
+        let h = layer_norm_modulate(&xf, &shift, &scale, self.eps)?.to_dtype(dtype)?;
         let a = self.attn1.forward(&h, None, Some(rope), None)?;
-        let x = (xf + mul_rows(&a.to_dtype(DType::F32)?, &gate)?)?.to_dtype(dtype)?;
+        let x = gated_residual(&xf, &a.to_dtype(DType::F32)?, &gate)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
             Some((w, b)) => {
@@ -214,21 +187,15 @@ impl WanBlock {
             }
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, Some(context), None, None)?)?;
+        let x = self.attn2.forward(&h, Some(context), None, Some(&x))?;
 
         let xf = x.to_dtype(DType::F32)?;
-        let h =
-            modulate(&layer_norm_no_affine(&xf, self.eps)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
+        let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
         let f = self
             .ffn_out
             .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
-        (xf + mul_rows(&f.to_dtype(DType::F32)?, &c_gate)?)?.to_dtype(dtype)
+        gated_residual(&xf, &f.to_dtype(DType::F32)?, &c_gate)?.to_dtype(dtype)
     }
-}
-
-/// `x·(1 + scale) + shift` with `[B, 1, D]` modulation.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    add_rows(&mul_rows(x, &(scale + 1.0)?)?, shift)
 }
 
 /// The Wan2.1 Diffusion Transformer.
@@ -381,12 +348,7 @@ impl WanTransformer3DModel {
         }
         let e = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
         let (shift, scale) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?);
-        let h = if kernels::usable(&h) {
-            kernels::norm_affine(&h, &(scale + 1.0)?, Some(&shift), self.cfg.eps, true)?
-        } else {
-            let hf = layer_norm_no_affine(&h.to_dtype(DType::F32)?, self.cfg.eps)?;
-            modulate(&hf, &shift, &scale)?.to_dtype(dtype)?
-        };
+        let h = layer_norm_modulate(&h, &shift, &scale, self.cfg.eps)?.to_dtype(dtype)?;
         let out = self.proj_out.forward(&h)?;
         self.unpatchify(&out, grid)?.to_dtype(DType::F32)
     }
