@@ -77,7 +77,9 @@ fn bench_attention(c: &mut Criterion) {
             randn(&[1, n, 512]),
         );
         g.bench_function(format!("kernel_b1_n{n}_h8_d64"), |b| {
-            b.iter(|| black_box(sora::nn::kernels::attention_bnhd(&q, &k, &v, 8, 0.125).unwrap()))
+            b.iter(|| {
+                black_box(sora::nn::kernels::attention_bnhd(&q, &k, &v, 8, 0.125, None).unwrap())
+            })
         });
     }
     g.finish();

@@ -8,6 +8,8 @@ Writes
   tests/fixtures/wan-tiny-native/transformer_config.json
   tests/fixtures/dit_a_io.safetensors, dit_b_io.safetensors   inputs and velocities
   tests/fixtures/attention_io.safetensors        q, k, v and torch SDPA output
+  tests/fixtures/dit_a_padded_io.safetensors     config A with zero-padded text (as WanPipeline pads
+                                                  to 512): pads of different lengths per batch item
 
 Run from the repository root: python scripts/reference/ref_dit.py
 """
@@ -149,6 +151,20 @@ def main():
     v = torch.randn(1, 2, 257, 16, generator=g)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     save_file({"q": q, "k": k, "v": v, "out": o}, os.path.join(FIX, "attention_io.safetensors"))
+
+    # Config A again with zero-padded context (own generator: the fixtures above stay as they
+    # are): item 0 has 3 real rows of 40, item 1 has 17; the 40 - n pad rows are zeros.
+    g2 = torch.Generator().manual_seed(4321)
+    xp = torch.randn(2, 4, 3, 4, 6, generator=g2)
+    tp = torch.tensor([812.0, 64.0])
+    ctxp = torch.zeros(2, 40, 32)
+    ctxp[0, :3] = torch.randn(3, 32, generator=g2)
+    ctxp[1, :17] = torch.randn(17, 32, generator=g2)
+    vp = run(a, xp, tp, ctxp)
+    save_file(
+        {"latents": xp, "timestep": tp, "context": ctxp, "velocity": vp},
+        os.path.join(FIX, "dit_a_padded_io.safetensors"),
+    )
     print("dit fixtures written", file=sys.stderr)
 
 

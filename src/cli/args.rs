@@ -91,6 +91,10 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also score the ceiling the model's VAE sets: the suites' scenes rendered (placed at
+    /// random, one per seed), encoded and decoded by the VAE, with no DiT involved.
+    #[arg(long)]
+    pub ceiling: bool,
 }
 
 const GEN_EXAMPLES: &str = "Examples:

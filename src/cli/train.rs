@@ -117,6 +117,89 @@ fn strip(frames: &[RgbFrame]) -> RgbFrame {
     }
 }
 
+/// Scores the VAE's reconstructions of rendered suite scenes (one random placement per seed):
+/// the most the DiT could reach through this decoder.
+fn vae_ceiling(
+    model: &WanModel,
+    split: Split,
+    seeds: u64,
+    label: &str,
+    frames_out: Option<&Path>,
+) -> Result<crate::train::eval::SuiteSummary> {
+    use rand::SeedableRng;
+    let d = &model.defaults;
+    let mut scores = Vec::new();
+    for (pi, prompt) in prompt_suite(split).iter().enumerate() {
+        let p = world::parse_prompt(prompt)
+            .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
+        let bg = p.background.unwrap_or(world::Background::Black);
+        for seed in 0..seeds {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed << 16 | pi as u64);
+            let scene = world::random_single_object_scene(
+                &mut rng,
+                (p.color, p.shape, p.motion),
+                bg,
+                d.width,
+                d.height,
+                d.frames,
+            );
+            let x = world::render_tensor(&scene, d.width, d.height, d.frames, &model.device)?
+                .unsqueeze(0)?;
+            let (mean, _) = model.vae.encode(&x)?;
+            let y = model.vae.decode(&mean)?;
+            let frames = tensor_to_frames(&y.get(0)?, None)?;
+            if let Some(d) = frames_out {
+                let name = format!(
+                    "{label}-vae-{pi:02}-s{seed}-{}.png",
+                    crate::cli::plan::slug(prompt)
+                );
+                write_png(&d.join(name), &strip(&frames))?;
+            }
+            scores.push(score(&frames, &p));
+        }
+    }
+    Ok(score_suite(&scores))
+}
+
+/// Scores `model` on the seen and held-out prompt suites (`seeds` clips per prompt), each
+/// followed, with `ceiling`, by the VAE's ceiling on the same suite (see [`vae_ceiling`]).
+/// With `frames_out`, every clip's frames are written there as a PNG strip.
+pub fn eval_suites(
+    model: &WanModel,
+    seeds: u64,
+    ceiling: bool,
+    frames_out: Option<&Path>,
+) -> Result<Vec<(String, crate::train::eval::SuiteSummary)>> {
+    let mut report = Vec::new();
+    for (label, split) in [("seen", Split::Train), ("held-out", Split::HeldOut)] {
+        let mut scores = Vec::new();
+        for (pi, prompt) in prompt_suite(split).iter().enumerate() {
+            let parsed = world::parse_prompt(prompt)
+                .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
+            for seed in 0..seeds {
+                let frames = generate_frames(model, prompt, seed)?;
+                let s = score(&frames, &parsed);
+                if let Some(d) = frames_out {
+                    let name = format!(
+                        "{label}-{pi:02}-s{seed}-{}.png",
+                        crate::cli::plan::slug(prompt)
+                    );
+                    write_png(&d.join(name), &strip(&frames))?;
+                }
+                scores.push(s);
+            }
+        }
+        report.push((label.to_string(), score_suite(&scores)));
+        if ceiling {
+            report.push((
+                format!("{label} (VAE)"),
+                vae_ceiling(model, split, seeds, label, frames_out)?,
+            ));
+        }
+    }
+    Ok(report)
+}
+
 /// Runs `sora eval`; returns the exit status.
 pub fn run_eval(a: EvalArgs) -> Result<i32> {
     let dir = resolve_model(a.model.as_deref(), true, false)?;
@@ -125,28 +208,7 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let t0 = Instant::now();
-    let mut report = Vec::new();
-    for (label, split) in [("seen", Split::Train), ("held-out", Split::HeldOut)] {
-        let mut scores = Vec::new();
-        for (pi, prompt) in prompt_suite(split).iter().enumerate() {
-            let parsed = world::parse_prompt(prompt)
-                .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
-            for seed in 0..a.seeds {
-                let frames = generate_frames(&model, prompt, seed)?;
-                let s = score(&frames, &parsed);
-                if let Some(d) = &a.frames_out {
-                    let name = format!(
-                        "{label}-{pi:02}-s{seed}-{}.png",
-                        crate::cli::plan::slug(prompt)
-                    );
-                    write_png(&Path::new(d).join(name), &strip(&frames))?;
-                }
-                scores.push(s);
-            }
-        }
-        let sum = score_suite(&scores);
-        report.push((label, sum));
-    }
+    let report = eval_suites(&model, a.seeds, a.ceiling, a.frames_out.as_deref())?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         let v: Vec<serde_json::Value> = report
@@ -159,12 +221,12 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
         );
     } else {
         println!(
-            "{:<9} {:>4} {:>7} {:>7} {:>7} {:>7}",
+            "{:<15} {:>4} {:>7} {:>7} {:>7} {:>7}",
             "suite", "n", "colour", "shape", "motion", "all"
         );
         for (l, s) in &report {
             println!(
-                "{:<9} {:>4} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}%",
+                "{:<15} {:>4} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}%",
                 l,
                 s.n,
                 100.0 * s.color,

@@ -142,8 +142,8 @@ pub fn gated_residual(x: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x + mul_rows(a, gate)?
 }
 
-/// GELU with the tanh approximation (`gelu_new`, `approximate="tanh"`): candle's forward, and
-/// in differentiable mode one fused pass for the derivative.
+/// GELU with the tanh approximation (`gelu_new`, `approximate="tanh"`): on CPU f32 the
+/// vectorised kernel forward, and in differentiable mode one fused pass for the derivative.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if super::kernels::usable(x) {
         return super::kernels::gelu_tanh(x);
@@ -151,23 +151,9 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if !fast_grads(x) {
         return x.gelu();
     }
-    let fast = x.detach().gelu()?;
+    let fast = super::kernels::gelu_tanh(&x.detach())?;
     attach(x, x, fast, "gelu-tanh", |x, _, g| {
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let gs = g.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; xs.len()];
-        const C: f32 = 0.797_884_6; // sqrt(2/pi)
-        const A: f32 = 0.044_715;
-        out.par_chunks_mut(4096)
-            .zip(xs.par_chunks(4096).zip(gs.par_chunks(4096)))
-            .for_each(|(o, (xc, gc))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(xc).zip(gc) {
-                    let t = (C * v * (1.0 + A * v * v)).tanh();
-                    let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * A * v * v);
-                    *o = gv * d;
-                }
-            });
-        Ok((Some(Tensor::from_vec(out, x.shape(), x.device())?), None))
+        Ok((Some(super::kernels::gelu_tanh_grad(x, g)?), None))
     })
 }
 

@@ -86,6 +86,21 @@ multiversion! {
 }
 
 multiversion! {
+    /// `dst = g · d/dx GELU-tanh(x)`, with tanh from the same vectorised exp.
+    fn gelu_grad_slice(x: &[f32], g: &[f32], dst: &mut [f32]) {
+        const C: f32 = 0.797_884_6;
+        const A: f32 = 0.044_715;
+        for ((d, &v), &gv) in dst.iter_mut().zip(x).zip(g) {
+            let u = C * v * (1.0 + A * v * v);
+            // σ = 0.5·(1 + tanh u) = 1/(1 + e^{−2u}); 1 − tanh² = 4σ(1 − σ).
+            let sig = 1.0 / (1.0 + exp_f32(-2.0 * u));
+            let deriv = sig + v * 2.0 * sig * (1.0 - sig) * C * (1.0 + 3.0 * A * v * v);
+            *d = gv * deriv;
+        }
+    }
+}
+
+multiversion! {
     /// Sum of a row (16 lanes, so it vectorises).
     fn row_sums(x: &[f32]) -> f32 {
         let mut acc = [0f32; 16];
@@ -151,7 +166,7 @@ multiversion! {
 
 multiversion! {
     /// Row maximum.
-    fn row_max(x: &[f32]) -> f32 {
+    pub(crate) fn row_max(x: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
         let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {
@@ -169,7 +184,7 @@ multiversion! {
 
 multiversion! {
     /// `x ← e^{x·scale − m}` in place; returns the row sum.
-    fn exp_row(x: &mut [f32], scale: f32, m: f32) -> f32 {
+    pub(crate) fn exp_row(x: &mut [f32], scale: f32, m: f32) -> f32 {
         let mut acc = [0f32; 16];
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
@@ -185,6 +200,27 @@ multiversion! {
             s += *v;
         }
         s
+    }
+}
+
+multiversion! {
+    /// `x ← x·scale + bias` in place; returns the new row maximum.
+    pub(crate) fn scale_bias_row(x: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut chunks = x.chunks_exact_mut(16);
+        let mut bchunks = bias.chunks_exact(16);
+        for (c, b) in (&mut chunks).zip(&mut bchunks) {
+            for i in 0..16 {
+                c[i] = c[i] * scale + b[i];
+                acc[i] = acc[i].max(c[i]);
+            }
+        }
+        let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (v, &b) in chunks.into_remainder().iter_mut().zip(bchunks.remainder()) {
+            *v = *v * scale + b;
+            m = m.max(*v);
+        }
+        m
     }
 }
 
@@ -373,6 +409,24 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
+/// Gradient of GELU-tanh: `g · gelu'(x)` for f32 tensors of one shape (training backward).
+pub fn gelu_tanh_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (x, g) = (prep(x)?, prep(g)?);
+    if x.dims() != g.dims() {
+        candle_core::bail!("gelu_tanh_grad: x {:?} but grad {:?}", x.shape(), g.shape());
+    }
+    let mut out = output_buffer(x.elem_count());
+    with_data(&x, |xs| {
+        with_data(&g, |gs| {
+            out.par_chunks_mut(16384)
+                .zip(xs.par_chunks(16384).zip(gs.par_chunks(16384)))
+                .for_each(|(o, (xc, gc))| gelu_grad_slice(xc, gc, o));
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
 /// Interleaved RoPE on `x` `[B, N, H·Dh]` (heads interleaved in the last dim, as the Linear
 /// produces them), with `cos`/`sin` `[N, Dh/2]`. Same numbers as `rope_i` on `[B, H, N, Dh]`.
 pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
@@ -425,8 +479,9 @@ const ATT_BQ: usize = 256;
 /// Key rows per online-softmax step.
 const ATT_BK: usize = 1024;
 
-/// Attention without bias on the `[B, N, H·Dh]` layout: `q` `[B, Nq, H·Dh]`, `k`/`v`
-/// `[B, Nk, H·Dh]`; returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores
+/// Attention on the `[B, N, H·Dh]` layout: `q` `[B, Nq, H·Dh]`, `k`/`v` `[B, Nk, H·Dh]`,
+/// `key_bias` an optional `[B, Nk]` f32 term added to every head's scaled scores (a log
+/// multiplicity for merged duplicate keys, see `WanTransformer3DModel`); returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores
 /// for 1024 keys at a time come from one GEMM into a thread-local tile (1 MiB, measured best of
 /// 64–512 × 256–2048 on n = 2048), an online softmax updates
 /// them in place, and a second GEMM accumulates `P·V`. Memory is O(tile), whatever N.
@@ -436,10 +491,22 @@ pub fn attention_bnhd(
     v: &Tensor,
     heads: usize,
     scale: f64,
+    key_bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
     let (b, nq, d) = q.dims3()?;
     let (bk, nk, dk) = k.dims3()?;
+    let key_bias = key_bias.map(prep).transpose()?;
+    if key_bias.as_ref().is_some_and(|kb| kb.dims() != [b, nk]) {
+        candle_core::bail!(
+            "attention_bnhd: key bias {:?} for keys {:?}",
+            key_bias.map(|t| t.shape().clone()),
+            k.shape()
+        );
+    }
+    let no_bias = Tensor::zeros(0, DType::F32, q.device())?;
+    let kb_t = key_bias.as_ref().unwrap_or(&no_bias);
+    let has_bias = key_bias.is_some();
     if bk != b || dk != d || v.dims() != k.dims() || d % heads != 0 {
         candle_core::bail!(
             "attention_bnhd: q {:?}, k {:?}, v {:?}, {heads} heads",
@@ -449,113 +516,143 @@ pub fn attention_bnhd(
         );
     }
     let hd = d / heads;
+    // Each head's keys and values as dense [Nk, Dh] blocks: in the [B, N, H·Dh] layout a
+    // head's rows sit a power-of-two stride apart, which maps them onto a few L1 sets.
+    // (Measured: 8% faster at 1280 and 2048 tokens, head dim 64.) Costs as much memory as K
+    // and V.
+    let mut kpk = output_buffer(b * heads * nk * hd);
+    let mut vpk = output_buffer(b * heads * nk * hd);
+    with_data(&k, |ks| {
+        with_data(&v, |vs| {
+            kpk.par_chunks_mut(nk * hd)
+                .zip(vpk.par_chunks_mut(nk * hd))
+                .enumerate()
+                .for_each(|(i, (kd, vd))| {
+                    let base = (i / heads) * nk * d + (i % heads) * hd;
+                    for c in 0..nk {
+                        let src = base + c * d..base + c * d + hd;
+                        kd[c * hd..(c + 1) * hd].copy_from_slice(&ks[src.clone()]);
+                        vd[c * hd..(c + 1) * hd].copy_from_slice(&vs[src]);
+                    }
+                });
+            Ok(())
+        })
+    })?;
     let qblocks = nq.div_ceil(ATT_BQ);
     let tasks = b * heads * qblocks;
     let scale = scale as f32;
     let mut out = output_buffer(q.elem_count());
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&q, |qs| {
-        with_data(&k, |ks| {
-            with_data(&v, |vs| {
-                (0..tasks).into_par_iter().for_each_init(
-                    || {
-                        (
-                            vec![0f32; ATT_BQ * ATT_BK],
-                            vec![0f32; ATT_BQ * hd],
-                            vec![0f32; 2 * ATT_BQ],
-                        )
-                    },
-                    |(s, acc, ml), task| {
-                        let qb = task % qblocks;
-                        let h = (task / qblocks) % heads;
-                        let bi = task / (qblocks * heads);
-                        let q0 = qb * ATT_BQ;
-                        let rows = ATT_BQ.min(nq - q0);
-                        let (m, l) = ml.split_at_mut(ATT_BQ);
-                        m[..rows].fill(f32::NEG_INFINITY);
-                        l[..rows].fill(0.0);
-                        acc[..rows * hd].fill(0.0);
-                        let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
-                        let mut k0 = 0;
-                        while k0 < nk {
-                            let cols = ATT_BK.min(nk - k0);
-                            let kp = ks[bi * nk * d + k0 * d + h * hd..].as_ptr();
-                            let vp = vs[bi * nk * d + k0 * d + h * hd..].as_ptr();
-                            // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
-                            // SAFETY: pointers and strides stay inside q/k and the tile.
-                            unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    cols,
-                                    hd,
-                                    s.as_mut_ptr(),
-                                    1,
-                                    cols as isize,
-                                    false,
-                                    qp,
-                                    1,
-                                    d as isize,
-                                    kp,
-                                    d as isize,
-                                    1,
-                                    0.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                            }
-                            for r in 0..rows {
-                                let row = &mut s[r * cols..(r + 1) * cols];
-                                let m_new = m[r].max(row_max(row) * scale);
-                                let alpha = exp_f32(m[r] - m_new);
-                                let sum = exp_row(row, scale, m_new);
-                                l[r] = l[r] * alpha + sum;
-                                m[r] = m_new;
-                                if alpha != 1.0 {
-                                    scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
+        with_data(kb_t, |kbs| {
+            (0..tasks).into_par_iter().for_each_init(
+                || {
+                    (
+                        vec![0f32; ATT_BQ * ATT_BK.min(nk)],
+                        vec![0f32; ATT_BQ * hd],
+                        vec![0f32; 2 * ATT_BQ],
+                    )
+                },
+                |(s, acc, ml), task| {
+                    let qb = task % qblocks;
+                    let h = (task / qblocks) % heads;
+                    let bi = task / (qblocks * heads);
+                    let q0 = qb * ATT_BQ;
+                    let rows = ATT_BQ.min(nq - q0);
+                    let (m, l) = ml.split_at_mut(ATT_BQ);
+                    m[..rows].fill(f32::NEG_INFINITY);
+                    l[..rows].fill(0.0);
+                    acc[..rows * hd].fill(0.0);
+                    let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
+                    let mut k0 = 0;
+                    while k0 < nk {
+                        let cols = ATT_BK.min(nk - k0);
+                        let o = (bi * heads + h) * nk * hd + k0 * hd;
+                        let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
+                        // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
+                        // SAFETY: pointers and strides stay inside q/k and the tile.
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                cols,
+                                hd,
+                                s.as_mut_ptr(),
+                                1,
+                                cols as isize,
+                                false,
+                                qp,
+                                1,
+                                d as isize,
+                                kp,
+                                hd as isize,
+                                1,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        let kb = has_bias.then(|| &kbs[bi * nk + k0..bi * nk + k0 + cols]);
+                        for r in 0..rows {
+                            let row = &mut s[r * cols..(r + 1) * cols];
+                            let (m_new, sum);
+                            match kb {
+                                Some(kb) => {
+                                    m_new = m[r].max(scale_bias_row(row, scale, kb));
+                                    sum = exp_row(row, 1.0, m_new);
+                                }
+                                None => {
+                                    m_new = m[r].max(row_max(row) * scale);
+                                    sum = exp_row(row, scale, m_new);
                                 }
                             }
-                            // acc[rows, hd] += P[rows, cols] · V[cols, hd]
-                            // SAFETY: as above.
-                            unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    hd,
-                                    cols,
-                                    acc.as_mut_ptr(),
-                                    1,
-                                    hd as isize,
-                                    true,
-                                    s.as_ptr(),
-                                    1,
-                                    cols as isize,
-                                    vp,
-                                    1,
-                                    d as isize,
-                                    1.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                            }
-                            k0 += cols;
-                        }
-                        for r in 0..rows {
-                            let inv = 1.0 / l[r];
-                            let base = bi * nq * d + (q0 + r) * d + h * hd;
-                            for j in 0..hd {
-                                // SAFETY: each (b, row, head) slot is written by exactly one task.
-                                unsafe { *out_ptr.get().add(base + j) = acc[r * hd + j] * inv };
+                            let alpha = exp_f32(m[r] - m_new);
+                            l[r] = l[r] * alpha + sum;
+                            m[r] = m_new;
+                            if alpha != 1.0 {
+                                scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
                             }
                         }
-                    },
-                );
-                Ok(())
-            })
+                        // acc[rows, hd] += P[rows, cols] · V[cols, hd]
+                        // SAFETY: as above.
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                hd,
+                                cols,
+                                acc.as_mut_ptr(),
+                                1,
+                                hd as isize,
+                                true,
+                                s.as_ptr(),
+                                1,
+                                cols as isize,
+                                vp,
+                                1,
+                                hd as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        k0 += cols;
+                    }
+                    for r in 0..rows {
+                        let inv = 1.0 / l[r];
+                        let base = bi * nq * d + (q0 + r) * d + h * hd;
+                        for j in 0..hd {
+                            // SAFETY: each (b, row, head) slot is written by exactly one task.
+                            unsafe { *out_ptr.get().add(base + j) = acc[r * hd + j] * inv };
+                        }
+                    }
+                },
+            );
+            Ok(())
         })
     })?;
     Tensor::from_vec(out, q.shape(), q.device())

@@ -90,13 +90,13 @@ impl Recipe {
             ..Umt5Config::umt5_xxl()
         };
         let dit = WanTransformerConfig {
-            num_attention_heads: 3,
+            num_attention_heads: 6,
             attention_head_dim: 32,
             in_channels: 8,
             out_channels: Some(8),
             text_dim: 64,
             freq_dim: 64,
-            ffn_dim: 288,
+            ffn_dim: 768,
             num_layers: 4,
             ..WanTransformerConfig::t2v_1_3b()
         };
@@ -116,7 +116,7 @@ impl Recipe {
             vae_lr: 2e-3,
             decoder_steps: 150,
             clips: 3000,
-            dit_steps: 8000,
+            dit_steps: 5000,
             dit_batch: 8,
             dit_lr: 5e-4,
             cfg_dropout: 0.1,
@@ -138,6 +138,7 @@ impl Recipe {
         r.vae_crop = 16;
         r.vae.base_dim = 4;
         r.dit.num_layers = 1;
+        r.dit.num_attention_heads = 2;
         r.dit.ffn_dim = 64;
         r.vae_steps = 3;
         r.decoder_steps = 2;

@@ -415,6 +415,22 @@ pub fn single_object_scene(
     }
 }
 
+/// A single-object scene with the given triple placed at random as training scenes are
+/// (size, start and travel drawn from `rng`).
+pub fn random_single_object_scene(
+    rng: &mut impl Rng,
+    triple: (Color, Shape, Motion),
+    background: Background,
+    width: usize,
+    height: usize,
+    frames: usize,
+) -> Scene {
+    Scene {
+        objects: vec![place_object(rng, triple, width, height, frames)],
+        background,
+    }
+}
+
 /// Supersampling factor per axis for anti-aliasing (16 samples per edge pixel).
 const SS: usize = 4;
 

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use sora::models::wan::dit::load_transformer;
+use sora::models::wan::dit::{load_transformer, merge_repeated_keys};
 use sora::models::wan::keys::{diffusers_to_native, native_to_diffusers, COMFY_PREFIX};
 use sora::models::wan::rope::WanRope;
 use sora::models::wan::WanTransformerConfig;
@@ -50,6 +50,41 @@ fn dit_a_diffusers_layout_matches_reference() {
         )
         .unwrap();
     assert_close("dit A velocity", &v, &get(&io, "velocity"), TOL);
+}
+
+/// Text zero-padded as WanPipeline pads it (to 512 there): the pad rows embed to one vector,
+/// which the DiT merges into one key per item with a log-multiplicity bias. Item 0 has 3 real
+/// rows and 37 pads, item 1 has 17 and 23: 18 keys remain.
+#[test]
+fn dit_padded_text_merges_repeated_keys_and_matches_reference() {
+    let io = load("dit_a_padded_io.safetensors");
+    let (model, _) = load_transformer(
+        &fixture("wan-tiny/transformer"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ctx = get(&io, "context");
+    let (merged, bias) = merge_repeated_keys(&model.embed_text(&ctx).unwrap()).unwrap();
+    assert_eq!(merged.dims(), [2, 18, 48]);
+    let bias = bias.expect("pads were merged").to_vec2::<f32>().unwrap();
+    assert_eq!(&bias[0][..3], &[0.0; 3]);
+    for b in &bias[0][3..] {
+        assert!((b - (37f32 / 15.0).ln()).abs() < 1e-6, "item 0 bias {b}");
+    }
+    assert!(bias[1][..17].iter().all(|b| *b == 0.0));
+    assert!((bias[1][17] - 23f32.ln()).abs() < 1e-6);
+    // No repeats, nothing merged.
+    let plain = model
+        .embed_text(&get(&load("dit_a_io.safetensors"), "context"))
+        .unwrap();
+    assert!(merge_repeated_keys(&plain).unwrap().1.is_none());
+
+    let v = model
+        .forward(&get(&io, "latents"), &get(&io, "timestep"), &ctx)
+        .unwrap();
+    assert_close("dit A padded-text velocity", &v, &get(&io, "velocity"), TOL);
 }
 
 #[test]

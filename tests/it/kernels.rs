@@ -21,6 +21,43 @@ fn kernel_exp_is_accurate_over_the_softmax_range() {
     assert!(kernels::exp_f32(-1000.0) < 1e-37);
 }
 
+/// A per-key additive bias (the DiT's merged padding keys) equals the composed attention
+/// with the same bias broadcast over heads and queries.
+#[test]
+fn kernel_attention_key_bias_matches_composed_attention() {
+    let (b, h, hd, nq, nk) = (2, 3, 32, 300, 40);
+    let q = (randn(11, &[b, nq, h * hd]) * 2.0).unwrap();
+    let k = (randn(12, &[b, nk, h * hd]) * 2.0).unwrap();
+    let v = randn(13, &[b, nk, h * hd]);
+    let bias = (randn(14, &[b, nk]).abs().unwrap() * 1.5).unwrap();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let got = kernels::attention_bnhd(&q, &k, &v, h, scale, Some(&bias)).unwrap();
+    let split = |t: &Tensor, n: usize| {
+        t.reshape((b, n, h, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let want = sora::nn::attention::attention(
+        &split(&q, nq),
+        &split(&k, nk),
+        &split(&v, nk),
+        scale,
+        Some(&bias.reshape((b, 1, 1, nk)).unwrap()),
+    )
+    .unwrap()
+    .transpose(1, 2)
+    .unwrap()
+    .reshape((b, nq, h * hd))
+    .unwrap();
+    assert_close("attention with key bias", &got, &want, 2e-6);
+    let wrong = Tensor::zeros((b, nk + 1), DType::F32, q.device()).unwrap();
+    let e = kernels::attention_bnhd(&q, &k, &v, h, scale, Some(&wrong)).unwrap_err();
+    assert!(e.to_string().contains("key bias"), "{e}");
+}
+
 #[test]
 fn kernel_attention_matches_composed_attention() {
     // 2 batches, 3 heads of 40: 700 queries (11 query blocks, the last partial) over 1100 keys
@@ -31,7 +68,7 @@ fn kernel_attention_matches_composed_attention() {
         let k = (randn(2, &[b, nk, h * hd]) * 2.0).unwrap();
         let v = randn(3, &[b, nk, h * hd]);
         let scale = 1.0 / (hd as f64).sqrt();
-        let got = kernels::attention_bnhd(&q, &k, &v, h, scale).unwrap();
+        let got = kernels::attention_bnhd(&q, &k, &v, h, scale, None).unwrap();
         let split = |t: &Tensor, n: usize| {
             t.reshape((b, n, h, hd))
                 .unwrap()

@@ -57,6 +57,34 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     )
     .unwrap();
     assert_eq!(frames, again);
+
+    // `sora eval`: both suites, each followed by the VAE's ceiling on the same prompts.
+    let report = sora::cli::train::eval_suites(&model, 1, true, Some(&dir)).unwrap();
+    let labels: Vec<(&str, usize)> = report.iter().map(|(l, s)| (l.as_str(), s.n)).collect();
+    assert_eq!(
+        labels,
+        [
+            ("seen", 24),
+            ("seen (VAE)", 24),
+            ("held-out", 16),
+            ("held-out (VAE)", 16)
+        ]
+    );
+    for (l, s) in &report {
+        for v in [s.color, s.shape, s.motion, s.all] {
+            assert!((0.0..=1.0).contains(&v), "{l}: {v}");
+        }
+        assert!(s.all <= s.color.min(s.shape).min(s.motion), "{l}: {s:?}");
+    }
+    assert!(
+        dir.join("held-out-vae-15-s0-a-cyan-triangle-moving-left-on-a-navy-background.png")
+            .is_file()
+            || std::fs::read_dir(&dir).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("held-out-vae-15-s0-"))
+    );
 }
 
 /// A DiT of the smoke recipe, freshly initialised, with a fixed flow-matching batch.

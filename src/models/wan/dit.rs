@@ -74,12 +74,14 @@ impl WanAttention {
         })
     }
 
-    /// `x`: `[B, N, D]`; `context`: `[B, L, D]` for cross-attention (None: self-attention);
+    /// `x`: `[B, N, D]`; `context`: `[B, L, D]` for cross-attention (None: self-attention),
+    /// with `key_bias` `[B, L]` f32 added to the scores of its keys (see [`merge_repeated_keys`]);
     /// `rope`: `(cos, sin)` `[N, head_dim/2]` for self-attention.
     fn forward(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
+        key_bias: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -100,7 +102,7 @@ impl WanAttention {
                 ),
                 None => (q, k),
             };
-            kernels::attention_bnhd(&q, &k, &v, self.heads, scale)?
+            kernels::attention_bnhd(&q, &k, &v, self.heads, scale, key_bias)?
         } else {
             let split = |t: Tensor, len: usize| -> Result<Tensor> {
                 t.reshape((b, len, self.heads, hd))?
@@ -112,7 +114,11 @@ impl WanAttention {
                 q = apply_rope(&q, cos, sin)?;
                 k = apply_rope(&k, cos, sin)?;
             }
-            let o = attention(&q, &k, &v, scale, None)?;
+            let bias = match key_bias {
+                Some(kb) => Some(kb.reshape((b, 1, 1, l))?),
+                None => None,
+            };
+            let o = attention(&q, &k, &v, scale, bias.as_ref())?;
             o.transpose(1, 2)?.reshape((b, n, d))?
         };
         match residual {
@@ -162,11 +168,13 @@ impl WanBlock {
         })
     }
 
-    /// `x`: `[B, N, D]`, `context`: `[B, L, D]`, `temb6`: `[B, 6, D]` f32.
+    /// `x`: `[B, N, D]`, `context`: `[B, L, D]` with its key bias (`[B, L]` f32, see
+    /// [`merge_repeated_keys`]), `temb6`: `[B, 6, D]` f32.
     fn forward(
         &self,
         x: &Tensor,
         context: &Tensor,
+        key_bias: Option<&Tensor>,
         temb6: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -178,7 +186,7 @@ impl WanBlock {
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &shift, &scale, self.eps)?.to_dtype(dtype)?;
-        let a = self.attn1.forward(&h, None, Some(rope), None)?;
+        let a = self.attn1.forward(&h, None, None, Some(rope), None)?;
         let x = gated_residual(&xf, &a.to_dtype(DType::F32)?, &gate)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
@@ -187,7 +195,9 @@ impl WanBlock {
             }
             None => x.clone(),
         };
-        let x = self.attn2.forward(&h, Some(context), None, Some(&x))?;
+        let x = self
+            .attn2
+            .forward(&h, Some(context), key_bias, None, Some(&x))?;
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
@@ -343,8 +353,13 @@ impl WanTransformer3DModel {
         let tokens = self.patchify(&x.to_dtype(dtype)?)?;
         let mut h = self.patch.forward(&tokens)?;
         let (temb, temb6) = self.embed_time(t)?;
+        let (ctx, key_bias) = if crate::nn::differentiable() {
+            (ctx.clone(), None)
+        } else {
+            merge_repeated_keys(ctx)?
+        };
         for block in &self.blocks {
-            h = block.forward(&h, ctx, &temb6, &rope)?;
+            h = block.forward(&h, &ctx, key_bias.as_ref(), &temb6, &rope)?;
         }
         let e = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
         let (shift, scale) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?);
@@ -352,6 +367,55 @@ impl WanTransformer3DModel {
         let out = self.proj_out.forward(&h)?;
         self.unpatchify(&out, grid)?.to_dtype(DType::F32)
     }
+}
+
+/// Merges the identical trailing rows of an embedded text context `[B, L, D]` into fewer keys.
+///
+/// Wan zero-pads the text to a fixed length (512) and the DiT attends to every padded row
+/// unmasked; the pads embed to one identical vector, so after the key/value projections they
+/// are identical keys. Softmax over `c` copies of a key equals softmax over one copy whose
+/// score is raised by `ln c`, so the cross-attention can run over the distinct rows only:
+/// returns the first `K` rows (`K` = the largest number of distinct rows over the batch) and
+/// a `[B, K]` f32 key bias spreading each element's repeated row's multiplicity over its
+/// copies among the `K`. Exact up to float rounding; `(ctx, None)` when nothing repeats.
+pub fn merge_repeated_keys(ctx: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, l, d) = ctx.dims3()?;
+    if l < 2 {
+        return Ok((ctx.clone(), None));
+    }
+    let rows: Vec<f32> = ctx.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // Per element: how many rows from the end equal its last row (bitwise).
+    let repeats: Vec<usize> = (0..b)
+        .map(|bi| {
+            let row = |i: usize| &rows[(bi * l + i) * d..(bi * l + i + 1) * d];
+            let last = row(l - 1);
+            1 + (0..l - 1)
+                .rev()
+                .take_while(|&i| {
+                    row(i)
+                        .iter()
+                        .zip(last)
+                        .all(|(a, c)| a.to_bits() == c.to_bits())
+                })
+                .count()
+        })
+        .collect();
+    let keep = repeats.iter().map(|r| l - r + 1).max().unwrap_or(l);
+    if keep == l {
+        return Ok((ctx.clone(), None));
+    }
+    let mut bias = vec![0f32; b * keep];
+    for (bi, &r) in repeats.iter().enumerate() {
+        // Rows l-r..l-1 are copies; those inside the first `keep` are l-r..keep-1.
+        let first = l - r;
+        let copies = keep - first;
+        let lb = (r as f64 / copies as f64).ln() as f32;
+        bias[bi * keep + first..(bi + 1) * keep].fill(lb);
+    }
+    Ok((
+        ctx.narrow(1, 0, keep)?,
+        Some(Tensor::from_vec(bias, (b, keep), ctx.device())?),
+    ))
 }
 
 /// Opens a transformer checkpoint: a diffusers `transformer/` directory (config.json +
