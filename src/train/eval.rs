@@ -65,7 +65,7 @@ pub struct ClipAnalysis {
 }
 
 /// The largest 4-connected blob of a binary mask.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Blob {
     count: usize,
     x0: usize,
@@ -74,6 +74,9 @@ struct Blob {
     y1: usize,
     cx: f32,
     cy: f32,
+    /// Fraction of the top-left, top-right, bottom-left and bottom-right thirds×thirds cells
+    /// of the bounding box that the blob covers.
+    corners: [f32; 4],
 }
 
 /// Every palette entry a pixel may be attributed to: object colours, then backgrounds.
@@ -130,10 +133,13 @@ fn largest_blob(mask: &[bool], width: usize, height: usize) -> Option<Blob> {
             y1: 0,
             cx: 0.0,
             cy: 0.0,
+            corners: [0.0; 4],
         };
         let (mut sx, mut sy) = (0f64, 0f64);
+        let mut pixels = Vec::new();
         while let Some(i) = stack.pop() {
             let (x, y) = (i % width, i / width);
+            pixels.push(i);
             b.count += 1;
             sx += x as f64;
             sy += y as f64;
@@ -162,31 +168,68 @@ fn largest_blob(mask: &[bool], width: usize, height: usize) -> Option<Blob> {
         }
         b.cx = (sx / b.count as f64) as f32 + 0.5;
         b.cy = (sy / b.count as f64) as f32 + 0.5;
-        if best.is_none_or(|o| b.count > o.count) {
+        if best.as_ref().is_none_or(|o| b.count > o.count) {
+            b.corners = corner_coverage(&b, &pixels, width);
             best = Some(b);
         }
     }
     best
 }
 
-/// Classifies a blob by how much of its bounding box it fills (circle π/4, square 1,
-/// triangle 1/2) and how far its centroid sits below the box centre (triangle 1/6 of the
-/// height, others 0), picking the nearest prototype.
+/// Coverage of the four corner cells (the bounding box cut in thirds each way) by the blob's
+/// `pixels` (indices into a `width`-wide frame), each pixel counted by its overlap with a cell.
+fn corner_coverage(b: &Blob, pixels: &[usize], width: usize) -> [f32; 4] {
+    let w = (b.x1 - b.x0 + 1) as f32;
+    let h = (b.y1 - b.y0 + 1) as f32;
+    let overlap = |p: f32, lo: f32, hi: f32| ((p + 1.0).min(hi) - p.max(lo)).max(0.0);
+    let mut c = [0f32; 4];
+    for &i in pixels {
+        let x = (i % width - b.x0) as f32;
+        let y = (i / width - b.y0) as f32;
+        let (l, r) = (overlap(x, 0.0, w / 3.0), overlap(x, 2.0 * w / 3.0, w));
+        let (t, d) = (overlap(y, 0.0, h / 3.0), overlap(y, 2.0 * h / 3.0, h));
+        c[0] += l * t;
+        c[1] += r * t;
+        c[2] += l * d;
+        c[3] += r * d;
+    }
+    c.map(|v| v / (w * h / 9.0))
+}
+
+/// Shape prototypes: (fill of the bounding box, centroid drop below the box centre as a
+/// fraction of its height, top-corner coverage, bottom-corner coverage). Fill and drop are the
+/// ideal shapes' (π/4, 1 and 1/2; 0, 0 and 1/6); corner coverages were measured on
+/// anti-aliased renders of the world's sizes (a disc covers 55% of each corner cell, an
+/// upward triangle none of the top ones and 80% of the bottom ones). The corners keep a
+/// decoder's rounded squares and triangles apart from circles, which fill alone does not.
+const SHAPE_PROTOTYPES: [(Shape, [f32; 4]); 3] = [
+    (
+        Shape::Circle,
+        [std::f32::consts::FRAC_PI_4, 0.0, 0.55, 0.56],
+    ),
+    (Shape::Square, [1.0, 0.0, 1.0, 1.0]),
+    (Shape::Triangle, [0.53, 1.0 / 6.0, 0.0, 0.8]),
+];
+
+/// Classifies a blob by the nearest prototype in [`SHAPE_PROTOTYPES`] (drop weighted 1.5×).
 fn classify(b: &Blob) -> Shape {
     let w = (b.x1 - b.x0 + 1) as f32;
     let h = (b.y1 - b.y0 + 1) as f32;
     let fill = b.count as f32 / (w * h);
     let box_cy = 0.5 * (b.y0 + b.y1 + 1) as f32;
     let drop = (b.cy - box_cy) / h;
-    let protos = [
-        (Shape::Circle, std::f32::consts::FRAC_PI_4, 0.0),
-        (Shape::Square, 1.0, 0.0),
-        (Shape::Triangle, 0.5, 1.0 / 6.0),
-    ];
-    let cost = |(_, f, d): &(Shape, f32, f32)| (fill - f).powi(2) + (1.5 * (drop - d)).powi(2);
-    protos
+    let top = 0.5 * (b.corners[0] + b.corners[1]);
+    let bottom = 0.5 * (b.corners[2] + b.corners[3]);
+    let f = [fill, drop, top, bottom];
+    let cost = |p: &[f32; 4]| {
+        (f[0] - p[0]).powi(2)
+            + (1.5 * (f[1] - p[1])).powi(2)
+            + (f[2] - p[2]).powi(2)
+            + (f[3] - p[3]).powi(2)
+    };
+    SHAPE_PROTOTYPES
         .iter()
-        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .min_by(|a, b| cost(&a.1).total_cmp(&cost(&b.1)))
         .map(|p| p.0)
         .unwrap_or(Shape::Circle)
 }
@@ -206,7 +249,7 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
         };
     }
     let area = |i: usize| (frames[i].width * frames[i].height).max(1) as f32;
-    let frac = |i: usize| blobs[i].map_or(0.0, |b| b.count as f32 / area(i));
+    let frac = |i: usize| blobs[i].as_ref().map_or(0.0, |b| b.count as f32 / area(i));
     let (m0, m1) = (n / 4, (n - n / 4).max(n / 4 + 1));
     let mut mid: Vec<f32> = (m0..m1).map(frac).collect();
     mid.sort_by(f32::total_cmp);
@@ -238,7 +281,7 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
         let pts: Vec<(f32, f32)> = range
             .filter(|i| present.contains(i))
             .filter_map(|i| {
-                blobs[i].map(|b| {
+                blobs[i].as_ref().map(|b| {
                     (
                         b.cx / frames[i].width as f32,
                         b.cy / frames[i].height as f32,
