@@ -21,6 +21,16 @@ fn kernel_exp_is_accurate_over_the_softmax_range() {
     assert!(kernels::exp_f32(-1000.0) < 1e-37);
 }
 
+/// `[B, N, H·Dh]` → `[B, H, N, Dh]`, contiguous (the composed attention's layout).
+fn split_heads(t: &Tensor, b: usize, n: usize, h: usize, hd: usize) -> Tensor {
+    t.reshape((b, n, h, hd))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+}
+
 /// A per-key additive bias (the DiT's merged padding keys) equals the composed attention
 /// with the same bias broadcast over heads and queries.
 #[test]
@@ -32,14 +42,7 @@ fn kernel_attention_key_bias_matches_composed_attention() {
     let bias = (randn(14, &[b, nk]).abs().unwrap() * 1.5).unwrap();
     let scale = 1.0 / (hd as f64).sqrt();
     let got = kernels::attention_bnhd(&q, &k, &v, h, scale, Some(&bias)).unwrap();
-    let split = |t: &Tensor, n: usize| {
-        t.reshape((b, n, h, hd))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
+    let split = |t: &Tensor, n: usize| split_heads(t, b, n, h, hd);
     let want = sora::nn::attention::attention(
         &split(&q, nq),
         &split(&k, nk),
@@ -69,14 +72,7 @@ fn kernel_attention_matches_composed_attention() {
         let v = randn(3, &[b, nk, h * hd]);
         let scale = 1.0 / (hd as f64).sqrt();
         let got = kernels::attention_bnhd(&q, &k, &v, h, scale, None).unwrap();
-        let split = |t: &Tensor, n: usize| {
-            t.reshape((b, n, h, hd))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-        };
+        let split = |t: &Tensor, n: usize| split_heads(t, b, n, h, hd);
         let want = sora::nn::attention::blockwise(
             &split(&q, nq),
             &split(&k, nk),
