@@ -127,7 +127,7 @@ fn vae_ceiling(
     frames_out: Option<&Path>,
 ) -> Result<crate::train::eval::SuiteSummary> {
     use rand::SeedableRng;
-    let d = &model.defaults;
+    let defaults = &model.defaults;
     let mut scores = Vec::new();
     for (pi, prompt) in prompt_suite(split).iter().enumerate() {
         let p = world::parse_prompt(prompt)
@@ -139,21 +139,21 @@ fn vae_ceiling(
                 &mut rng,
                 (p.color, p.shape, p.motion),
                 bg,
-                d.width,
-                d.height,
-                d.frames,
+                defaults.width,
+                defaults.height,
+                defaults.frames,
             );
-            let x = world::render_tensor(&scene, d.width, d.height, d.frames, &model.device)?
-                .unsqueeze(0)?;
+            let (w, h, f) = (defaults.width, defaults.height, defaults.frames);
+            let x = world::render_tensor(&scene, w, h, f, &model.device)?.unsqueeze(0)?;
             let (mean, _) = model.vae.encode(&x)?;
             let y = model.vae.decode(&mean)?;
             let frames = tensor_to_frames(&y.get(0)?, None)?;
-            if let Some(d) = frames_out {
+            if let Some(dir) = frames_out {
                 let name = format!(
                     "{label}-vae-{pi:02}-s{seed}-{}.png",
                     crate::cli::plan::slug(prompt)
                 );
-                write_png(&d.join(name), &strip(&frames))?;
+                write_png(&dir.join(name), &strip(&frames))?;
             }
             scores.push(score(&frames, &p));
         }

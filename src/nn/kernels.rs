@@ -166,7 +166,7 @@ multiversion! {
 
 multiversion! {
     /// Row maximum.
-    pub(crate) fn row_max(x: &[f32]) -> f32 {
+    fn row_max(x: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
         let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {
@@ -184,7 +184,7 @@ multiversion! {
 
 multiversion! {
     /// `x ← e^{x·scale − m}` in place; returns the row sum.
-    pub(crate) fn exp_row(x: &mut [f32], scale: f32, m: f32) -> f32 {
+    fn exp_row(x: &mut [f32], scale: f32, m: f32) -> f32 {
         let mut acc = [0f32; 16];
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
@@ -205,7 +205,7 @@ multiversion! {
 
 multiversion! {
     /// `x ← x·scale + bias` in place; returns the new row maximum.
-    pub(crate) fn scale_bias_row(x: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
+    fn scale_bias_row(x: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
         let mut chunks = x.chunks_exact_mut(16);
         let mut bchunks = bias.chunks_exact(16);
@@ -480,8 +480,9 @@ const ATT_BQ: usize = 256;
 const ATT_BK: usize = 1024;
 
 /// Attention on the `[B, N, H·Dh]` layout: `q` `[B, Nq, H·Dh]`, `k`/`v` `[B, Nk, H·Dh]`,
-/// `key_bias` an optional `[B, Nk]` f32 term added to every head's scaled scores (a log
-/// multiplicity for merged duplicate keys, see `WanTransformer3DModel`); returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores
+/// `key_bias` an optional `[B, Nk]` f32 term added to every head's scaled scores (the log
+/// multiplicity of merged duplicate keys, see `models::wan::dit::merge_repeated_keys`);
+/// returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores
 /// for 1024 keys at a time come from one GEMM into a thread-local tile (1 MiB, measured best of
 /// 64–512 × 256–2048 on n = 2048), an online softmax updates
 /// them in place, and a second GEMM accumulates `P·V`. Memory is O(tile), whatever N.
@@ -496,17 +497,17 @@ pub fn attention_bnhd(
     let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
     let (b, nq, d) = q.dims3()?;
     let (bk, nk, dk) = k.dims3()?;
-    let key_bias = key_bias.map(prep).transpose()?;
-    if key_bias.as_ref().is_some_and(|kb| kb.dims() != [b, nk]) {
+    if let Some(kb) = key_bias.filter(|kb| kb.dims() != [b, nk]) {
         candle_core::bail!(
             "attention_bnhd: key bias {:?} for keys {:?}",
-            key_bias.map(|t| t.shape().clone()),
+            kb.shape(),
             k.shape()
         );
     }
-    let no_bias = Tensor::zeros(0, DType::F32, q.device())?;
-    let kb_t = key_bias.as_ref().unwrap_or(&no_bias);
-    let has_bias = key_bias.is_some();
+    // `[B·Nk]`, a few values per key: read once.
+    let key_bias: Option<Vec<f32>> = key_bias
+        .map(|kb| prep(kb)?.flatten_all()?.to_vec1())
+        .transpose()?;
     if bk != b || dk != d || v.dims() != k.dims() || d % heads != 0 {
         candle_core::bail!(
             "attention_bnhd: q {:?}, k {:?}, v {:?}, {heads} heads",
@@ -544,116 +545,116 @@ pub fn attention_bnhd(
     let mut out = output_buffer(q.elem_count());
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&q, |qs| {
-        with_data(kb_t, |kbs| {
-            (0..tasks).into_par_iter().for_each_init(
-                || {
-                    (
-                        vec![0f32; ATT_BQ * ATT_BK.min(nk)],
-                        vec![0f32; ATT_BQ * hd],
-                        vec![0f32; 2 * ATT_BQ],
-                    )
-                },
-                |(s, acc, ml), task| {
-                    let qb = task % qblocks;
-                    let h = (task / qblocks) % heads;
-                    let bi = task / (qblocks * heads);
-                    let q0 = qb * ATT_BQ;
-                    let rows = ATT_BQ.min(nq - q0);
-                    let (m, l) = ml.split_at_mut(ATT_BQ);
-                    m[..rows].fill(f32::NEG_INFINITY);
-                    l[..rows].fill(0.0);
-                    acc[..rows * hd].fill(0.0);
-                    let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
-                    let mut k0 = 0;
-                    while k0 < nk {
-                        let cols = ATT_BK.min(nk - k0);
-                        let o = (bi * heads + h) * nk * hd + k0 * hd;
-                        let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
-                        // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
-                        // SAFETY: pointers and strides stay inside q/k and the tile.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                cols,
-                                hd,
-                                s.as_mut_ptr(),
-                                1,
-                                cols as isize,
-                                false,
-                                qp,
-                                1,
-                                d as isize,
-                                kp,
-                                hd as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        let kb = has_bias.then(|| &kbs[bi * nk + k0..bi * nk + k0 + cols]);
-                        for r in 0..rows {
-                            let row = &mut s[r * cols..(r + 1) * cols];
-                            let (m_new, sum);
-                            match kb {
-                                Some(kb) => {
-                                    m_new = m[r].max(scale_bias_row(row, scale, kb));
-                                    sum = exp_row(row, 1.0, m_new);
-                                }
-                                None => {
-                                    m_new = m[r].max(row_max(row) * scale);
-                                    sum = exp_row(row, scale, m_new);
-                                }
-                            }
-                            let alpha = exp_f32(m[r] - m_new);
-                            l[r] = l[r] * alpha + sum;
-                            m[r] = m_new;
-                            if alpha != 1.0 {
-                                scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
-                            }
-                        }
-                        // acc[rows, hd] += P[rows, cols] · V[cols, hd]
-                        // SAFETY: as above.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                hd,
-                                cols,
-                                acc.as_mut_ptr(),
-                                1,
-                                hd as isize,
-                                true,
-                                s.as_ptr(),
-                                1,
-                                cols as isize,
-                                vp,
-                                1,
-                                hd as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        k0 += cols;
+        (0..tasks).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![0f32; ATT_BQ * ATT_BK.min(nk)],
+                    vec![0f32; ATT_BQ * hd],
+                    vec![0f32; 2 * ATT_BQ],
+                )
+            },
+            |(s, acc, ml), task| {
+                let qb = task % qblocks;
+                let h = (task / qblocks) % heads;
+                let bi = task / (qblocks * heads);
+                let q0 = qb * ATT_BQ;
+                let rows = ATT_BQ.min(nq - q0);
+                let (m, l) = ml.split_at_mut(ATT_BQ);
+                m[..rows].fill(f32::NEG_INFINITY);
+                l[..rows].fill(0.0);
+                acc[..rows * hd].fill(0.0);
+                let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
+                let mut k0 = 0;
+                while k0 < nk {
+                    let cols = ATT_BK.min(nk - k0);
+                    let o = (bi * heads + h) * nk * hd + k0 * hd;
+                    let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
+                    // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
+                    // SAFETY: pointers and strides stay inside q/k and the tile.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            cols,
+                            hd,
+                            s.as_mut_ptr(),
+                            1,
+                            cols as isize,
+                            false,
+                            qp,
+                            1,
+                            d as isize,
+                            kp,
+                            hd as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
                     }
+                    let kb = key_bias
+                        .as_deref()
+                        .map(|kb| &kb[bi * nk + k0..bi * nk + k0 + cols]);
                     for r in 0..rows {
-                        let inv = 1.0 / l[r];
-                        let base = bi * nq * d + (q0 + r) * d + h * hd;
-                        for j in 0..hd {
-                            // SAFETY: each (b, row, head) slot is written by exactly one task.
-                            unsafe { *out_ptr.get().add(base + j) = acc[r * hd + j] * inv };
+                        let row = &mut s[r * cols..(r + 1) * cols];
+                        let (m_new, sum);
+                        match kb {
+                            Some(kb) => {
+                                m_new = m[r].max(scale_bias_row(row, scale, kb));
+                                sum = exp_row(row, 1.0, m_new);
+                            }
+                            None => {
+                                m_new = m[r].max(row_max(row) * scale);
+                                sum = exp_row(row, scale, m_new);
+                            }
+                        }
+                        let alpha = exp_f32(m[r] - m_new);
+                        l[r] = l[r] * alpha + sum;
+                        m[r] = m_new;
+                        if alpha != 1.0 {
+                            scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
                         }
                     }
-                },
-            );
-            Ok(())
-        })
+                    // acc[rows, hd] += P[rows, cols] · V[cols, hd]
+                    // SAFETY: as above.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            hd,
+                            cols,
+                            acc.as_mut_ptr(),
+                            1,
+                            hd as isize,
+                            true,
+                            s.as_ptr(),
+                            1,
+                            cols as isize,
+                            vp,
+                            1,
+                            hd as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    k0 += cols;
+                }
+                for r in 0..rows {
+                    let inv = 1.0 / l[r];
+                    let base = bi * nq * d + (q0 + r) * d + h * hd;
+                    for j in 0..hd {
+                        // SAFETY: each (b, row, head) slot is written by exactly one task.
+                        unsafe { *out_ptr.get().add(base + j) = acc[r * hd + j] * inv };
+                    }
+                }
+            },
+        );
+        Ok(())
     })?;
     Tensor::from_vec(out, q.shape(), q.device())
 }

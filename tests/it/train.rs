@@ -76,15 +76,12 @@ fn train_smoke_recipe_produces_a_loadable_model() {
         }
         assert!(s.all <= s.color.min(s.shape).min(s.motion), "{l}: {s:?}");
     }
-    assert!(
-        dir.join("held-out-vae-15-s0-a-cyan-triangle-moving-left-on-a-navy-background.png")
-            .is_file()
-            || std::fs::read_dir(&dir).unwrap().any(|e| e
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("held-out-vae-15-s0-"))
-    );
+    // The VAE-ceiling strips land beside the generated ones (names are slugs, cut to length).
+    assert!(std::fs::read_dir(&dir).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("held-out-vae-15-s0-a-cyan-triangle-moving-left")));
 }
 
 /// A DiT of the smoke recipe, freshly initialised, with a fixed flow-matching batch.
