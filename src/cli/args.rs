@@ -60,6 +60,9 @@ pub struct TrainArgs {
     /// Override the DiT training steps.
     #[arg(long)]
     pub dit_steps: Option<u64>,
+    /// Override the extra loss weight of object tokens in DiT training (0: plain MSE).
+    #[arg(long, value_name = "W")]
+    pub dit_object_weight: Option<f64>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

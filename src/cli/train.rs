@@ -38,6 +38,12 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
     if let Some(s) = a.dit_steps {
         r.dit_steps = s;
     }
+    if let Some(w) = a.dit_object_weight {
+        if !(w.is_finite() && w >= 0.0) {
+            anyhow::bail!("--dit-object-weight must be a finite number ≥ 0, got {w}");
+        }
+        r.dit_object_weight = w;
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }
@@ -213,7 +219,7 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
     if a.json {
         let v: Vec<serde_json::Value> = report
             .iter()
-            .map(|(l, s)| json!({"split": l, "n": s.n, "color": s.color, "shape": s.shape, "motion": s.motion, "all": s.all}))
+            .map(|(l, s)| json!({"split": l, "n": s.n, "color": s.color, "shape": s.shape, "motion": s.motion, "all": s.all, "shapes_asked_by_seen": s.shapes}))
             .collect();
         println!(
             "{}",
@@ -234,6 +240,15 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
                 100.0 * s.motion,
                 100.0 * s.all
             );
+        }
+        println!("shapes drawn per shape asked (circle/square/triangle/none):");
+        for (l, s) in &report {
+            let rows: Vec<String> = world::Shape::ALL
+                .iter()
+                .zip(&s.shapes)
+                .map(|(sh, r)| format!("{} {}/{}/{}/{}", sh.name(), r[0], r[1], r[2], r[3]))
+                .collect();
+            println!("  {:<15} {}", l, rows.join("  "));
         }
         println!("({} seeds per prompt, {:.0} s)", a.seeds, secs);
     }

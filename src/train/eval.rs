@@ -32,6 +32,10 @@ pub struct Score {
     pub shape_correct: bool,
     /// The asked-colour blob moves the asked way (false when the colour is absent).
     pub motion_correct: bool,
+    /// The shape asked for and the shape the asked-colour blob has (None: no object-sized
+    /// blob of that colour), for the suite's confusion table.
+    pub asked_shape: Option<Shape>,
+    pub seen_shape: Option<Shape>,
 }
 
 impl Score {
@@ -49,6 +53,9 @@ pub struct SuiteSummary {
     pub shape: f32,
     pub motion: f32,
     pub all: f32,
+    /// Shape confusion: `shapes[asked][seen]` counts clips asking for `Shape::ALL[asked]` whose
+    /// blob was `Shape::ALL[seen]`, or (seen = 3) no object-sized blob of the asked colour.
+    pub shapes: [[usize; 4]; 3],
 }
 
 /// Measurements behind a [`Score`], for diagnostics.
@@ -326,11 +333,12 @@ pub fn motion_matches(displacement: (f32, f32), m: Motion) -> bool {
 pub fn score(frames: &[RgbFrame], prompt: &ParsedPrompt) -> Score {
     let a = analyze_clip(frames, prompt.color);
     let color_present = a.coverage >= MIN_COVERAGE;
+    let object_sized = color_present && a.coverage <= MAX_OBJECT_COVERAGE;
     Score {
+        asked_shape: Some(prompt.shape),
+        seen_shape: a.shape.filter(|_| object_sized),
         color_present,
-        shape_correct: color_present
-            && a.coverage <= MAX_OBJECT_COVERAGE
-            && a.shape == Some(prompt.shape),
+        shape_correct: object_sized && a.shape == Some(prompt.shape),
         motion_correct: color_present
             && a.displacement
                 .is_some_and(|d| motion_matches(d, prompt.motion)),
@@ -347,8 +355,15 @@ pub fn score_suite(results: &[Score]) -> SuiteSummary {
             results.iter().filter(|s| f(s)).count() as f32 / n as f32
         }
     };
+    let mut shapes = [[0; 4]; 3];
+    for s in results {
+        if let Some(asked) = s.asked_shape {
+            shapes[asked as usize][s.seen_shape.map_or(3, |v| v as usize)] += 1;
+        }
+    }
     SuiteSummary {
         n,
+        shapes,
         color: frac(&|s| s.color_present),
         shape: frac(&|s| s.shape_correct),
         motion: frac(&|s| s.motion_correct),

@@ -56,6 +56,12 @@ pub struct Recipe {
     /// and colours are decided from the text alone.
     #[serde(default = "one")]
     pub dit_sigma_shift: f64,
+    /// Extra weight of object tokens in the DiT's flow-matching loss: latent positions that
+    /// differ from their frame's background (see [`object_weights`]) weigh `1 + w`. The object
+    /// is 2–3 tokens wide, so without it its outline is a sliver of a loss dominated by the
+    /// plain background. 0 (the default of older recipes) is the plain mean squared error.
+    #[serde(default)]
+    pub dit_object_weight: f64,
     pub seed: u64,
     /// Inference defaults written to `sora.json`.
     pub steps: usize,
@@ -121,6 +127,7 @@ impl Recipe {
             dit_lr: 5e-4,
             cfg_dropout: 0.1,
             dit_sigma_shift: 3.0,
+            dit_object_weight: 4.0,
             seed: 2026,
             steps: 24,
             guidance: 6.0,
@@ -550,6 +557,11 @@ pub fn train_dit(
             caps.captions.len()
         );
     }
+    let obj_w = if r.dit_object_weight > 0.0 {
+        Some(object_weights(&latents, r.dit_object_weight)?)
+    } else {
+        None
+    };
     crate::nn::set_differentiable(true);
     let varmap = VarMap::new();
     let dit =
@@ -626,7 +638,17 @@ pub fn train_dit(
         let target = (&noise - &x0)?;
         let t = (Tensor::from_vec(sig, b, &dev)? * 1000.0)?;
         let v = dit.forward(&xt, &t, &ctx)?;
-        Ok((v - target)?.sqr()?.mean_all()?)
+        let se = (v - target)?.sqr()?;
+        match &obj_w {
+            // Weighted mean: Σ w·e / (C · Σ w), so the scale matches the plain MSE.
+            Some(w) => {
+                let w = w.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
+                let c = se.dim(1)? as f64;
+                let norm = (w.sum_all()? * c)?;
+                Ok(se.broadcast_mul(&w)?.sum_all()?.broadcast_div(&norm)?)
+            }
+            None => Ok(se.mean_all()?),
+        }
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -642,6 +664,47 @@ pub fn train_dit(
     c["_class_name"] = "WanTransformer3DModel".into();
     write_json(&out.join("config.json"), &c)?;
     Ok(true)
+}
+
+/// Distance (in normalised latent units, L2 over channels) from a frame's background beyond
+/// which a latent position counts as object. Measured on the bundled recipe's 3,000 clips: 1.5
+/// marks 24% of positions (the object, smeared along its path within a latent frame's 4
+/// frames); the VAE's border effects on plain backgrounds stay below it.
+const OBJECT_LATENT_DISTANCE: f32 = 1.5;
+
+/// Loss weights `[N, 1, T, h, w]` of latents `[N, C, T, h, w]`: `1 + extra` where a position
+/// differs from its frame's background, else 1. The background of each (clip, latent frame) is
+/// the per-channel median over its positions (backgrounds are plain, objects cover < half).
+pub fn object_weights(latents: &Tensor, extra: f64) -> Result<Tensor> {
+    let (n, c, t, h, w) = latents.dims5()?;
+    let hw = h * w;
+    let v: Vec<f32> = latents.flatten_all()?.to_vec1()?;
+    let mut out = vec![1f32; n * t * hw];
+    let mut med = vec![0f32; c];
+    let mut col = vec![0f32; hw];
+    for i in 0..n {
+        for f in 0..t {
+            let at = |ch: usize, p: usize| v[(((i * c + ch) * t + f) * hw) + p];
+            for (ch, m) in med.iter_mut().enumerate() {
+                for (p, x) in col.iter_mut().enumerate() {
+                    *x = at(ch, p);
+                }
+                col.sort_unstable_by(f32::total_cmp);
+                *m = 0.5 * (col[(hw - 1) / 2] + col[hw / 2]);
+            }
+            for p in 0..hw {
+                let d2: f32 = med
+                    .iter()
+                    .enumerate()
+                    .map(|(ch, m)| (at(ch, p) - m).powi(2))
+                    .sum();
+                if d2.sqrt() > OBJECT_LATENT_DISTANCE {
+                    out[(i * t + f) * hw + p] = 1.0 + extra as f32;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, 1, t, h, w), latents.device())?)
 }
 
 /// Stage 4: writes the remaining files of a model directory (scheduler, model index, sora.json).

@@ -627,3 +627,18 @@ fn cli_long_clip_uses_temporal_windows_and_is_exact() {
     assert!(plan["estimate"]["windows"].as_u64().unwrap() >= 3, "{plan}");
     assert!(!d.join("p.mp4").exists(), "--dry-run wrote an output");
 }
+
+#[test]
+fn train_rejects_a_negative_object_weight_before_touching_the_directory() {
+    let d = tmp("train-bad-weight");
+    let out = d.join("run");
+    let (code, _, stderr) = run(sora()
+        .args(["train", "dit", "--dit-object-weight=-1", "--out"])
+        .arg(&out));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--dit-object-weight") && stderr.contains("-1"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is created for a rejected run");
+}

@@ -263,3 +263,40 @@ fn train_checkpoint_resumes_exactly() {
         );
     }
 }
+
+#[test]
+fn dit_object_weights_mark_positions_away_from_the_frame_background() {
+    // Two clips, 2 channels, 2 latent frames of 4×4: each frame a plain background (its own
+    // per-channel value) with an object block, which moves and differs per clip.
+    let (n, c, t, h, w) = (2, 2, 2, 4, 4);
+    let mut v = vec![0f32; n * c * t * h * w];
+    let mut expect = vec![1f32; n * t * h * w];
+    for i in 0..n {
+        for f in 0..t {
+            for ch in 0..c {
+                let bg = 0.3 * (i + 1) as f32 - 0.5 * ch as f32 + 0.1 * f as f32;
+                for y in 0..h {
+                    for x in 0..w {
+                        // Object: a 2×2 block at column f + i, rows 1..3, 2.0 away per channel
+                        // (distance √8 > 1.5); a faint 0.5 ripple elsewhere stays background.
+                        let obj = (1..3).contains(&y) && (f + i..f + i + 2).contains(&x);
+                        let val = if obj {
+                            bg + 2.0
+                        } else {
+                            bg + 0.5 * ((x + y) % 2) as f32
+                        };
+                        v[(((i * c + ch) * t + f) * h + y) * w + x] = val;
+                        if obj {
+                            expect[((i * t + f) * h + y) * w + x] = 5.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let lat = Tensor::from_vec(v, (n, c, t, h, w), &Device::Cpu).unwrap();
+    let wts = sora::train::recipe::object_weights(&lat, 4.0).unwrap();
+    assert_eq!(wts.dims(), &[n, 1, t, h, w]);
+    let got: Vec<f32> = wts.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, expect);
+}

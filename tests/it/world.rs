@@ -489,9 +489,16 @@ fn world_scorer_rejects_degenerate_clips() {
         };
         vec![frame; F]
     };
-    assert_eq!(score(&fill(Background::Gray.rgb()), &p), Score::default());
+    assert_eq!(
+        score(&fill(Background::Gray.rgb()), &p),
+        Score {
+            asked_shape: Some(Shape::Circle),
+            ..Score::default()
+        }
+    );
     let flooded = score(&fill(Color::Red.rgb()), &p);
     assert!(flooded.color_present && !flooded.shape_correct && !flooded.motion_correct);
+    assert_eq!(flooded.seen_shape, None, "a flooded frame draws no object");
     // A still object: right colour and shape, no motion.
     let still = vec![render_frames(&s, W, H, 1)[0].clone(); F];
     let sc = score(&still, &p);
@@ -499,10 +506,13 @@ fn world_scorer_rejects_degenerate_clips() {
         sc.color_present && sc.shape_correct && !sc.motion_correct,
         "{sc:?}"
     );
-    assert_eq!(score(&[], &p), Score::default());
+    assert_eq!(score(&[], &p).seen_shape, None);
+    assert!(!score(&[], &p).color_present);
     let sum = score_suite(&[ok, flooded, sc]);
     assert_eq!(sum.n, 3);
     assert!((sum.color - 1.0).abs() < 1e-6 && (sum.all - 1.0 / 3.0).abs() < 1e-6);
+    // Confusion: two circles drawn as circles, the flooded clip as no object.
+    assert_eq!(sum.shapes, [[2, 0, 0, 1], [0; 4], [0; 4]]);
 }
 
 #[test]
