@@ -11,18 +11,23 @@ use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Compiles `body` for AVX-512, AVX2+FMA and baseline x86-64 and dispatches at run time.
+/// The body is generic over `const FMA: bool` (true in the AVX-512 and AVX2 builds): pass it to
+/// [`madd`] and [`exp_with`] so multiply-adds become single FMA instructions where the CPU has
+/// them (Rust never contracts `a * b + c` on its own) and stay plain arithmetic, not a libm
+/// call, in the baseline build.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(unused)]
+            fn generic<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { generic::<true>($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { generic::<true>($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx2")
@@ -38,29 +43,54 @@ macro_rules! multiversion {
                     return unsafe { v3($($arg),*) };
                 }
             }
-            generic($($arg),*)
+            generic::<false>($($arg),*)
         }
     };
+}
+
+/// `a·b + c`: one fused multiply-add with `FMA` (callers compiled with the `fma` feature), else
+/// a multiply and an add.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// `e^x` for f32 with relative error below 2e-7 (Cody–Waite reduction, degree-7 polynomial);
 /// branch-free so loops over it vectorise. Inputs are clamped to [-87, 88].
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// [`exp_f32`] with its multiply-adds fused when `FMA` (about half the instructions: measured
+/// 17% → 9% of an attention call on AVX-512).
+#[inline(always)]
+fn exp_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let f = madd::<FMA>;
     let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2E + MAGIC;
+    let shifted = f(x, LOG2E, MAGIC);
     let n = shifted - MAGIC;
-    let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln2/2
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = f(-n, LN2_LO, f(-n, LN2_HI, x)); // |r| ≤ ln2/2
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = f(p, r, c);
+    }
     // The low mantissa bits of `shifted` hold n (two's complement around MAGIC's bit pattern,
     // whose own bits shift out): 2ⁿ without a float→int conversion, which Rust's saturating
     // `as i32` would make scalar.
@@ -70,17 +100,17 @@ pub fn exp_f32(x: f32) -> f32 {
 
 /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
 #[inline(always)]
-fn gelu_one(x: f32) -> f32 {
+fn gelu_one<const FMA: bool>(x: f32) -> f32 {
     const C: f32 = 0.797_884_6;
     let u = C * x * (1.0 + 0.044_715 * x * x);
     // 0.5·(1 + tanh(u)) = 1 / (1 + e^{−2u}): no cancellation in the negative tail.
-    x / (1.0 + exp_f32(-2.0 * u))
+    x / (1.0 + exp_with::<FMA>(-2.0 * u))
 }
 
 multiversion! {
     fn gelu_slice(src: &[f32], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = gelu_one(s);
+            *d = gelu_one::<FMA>(s);
         }
     }
 }
@@ -93,7 +123,7 @@ multiversion! {
         for ((d, &v), &gv) in dst.iter_mut().zip(x).zip(g) {
             let u = C * v * (1.0 + A * v * v);
             // σ = 0.5·(1 + tanh u) = 1/(1 + e^{−2u}); 1 − tanh² = 4σ(1 − σ).
-            let sig = 1.0 / (1.0 + exp_f32(-2.0 * u));
+            let sig = 1.0 / (1.0 + exp_with::<FMA>(-2.0 * u));
             let deriv = sig + v * 2.0 * sig * (1.0 - sig) * C * (1.0 + 3.0 * A * v * v);
             *d = gv * deriv;
         }
@@ -189,14 +219,14 @@ multiversion! {
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
             for i in 0..16 {
-                let e = exp_f32(c[i] * scale - m);
+                let e = exp_with::<FMA>(madd::<FMA>(c[i], scale, -m));
                 c[i] = e;
                 acc[i] += e;
             }
         }
         let mut s: f32 = acc.iter().sum();
         for v in chunks.into_remainder() {
-            *v = exp_f32(*v * scale - m);
+            *v = exp_with::<FMA>(madd::<FMA>(*v, scale, -m));
             s += *v;
         }
         s
@@ -879,7 +909,7 @@ multiversion! {
         if silu {
             for ((o, &v), &s) in out.iter_mut().zip(x).zip(inv) {
                 let y = v * s * k;
-                *o = y / (1.0 + exp_f32(-y));
+                *o = y / (1.0 + exp_with::<FMA>(-y));
             }
         } else {
             for ((o, &v), &s) in out.iter_mut().zip(x).zip(inv) {
