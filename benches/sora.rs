@@ -82,6 +82,15 @@ fn bench_attention(c: &mut Criterion) {
             })
         });
     }
+    // The side-by-side DiT's self-attention: 1,280 tokens per item, guided batch of 2.
+    let (q, k, v) = (
+        randn(&[2, 1280, 512]),
+        randn(&[2, 1280, 512]),
+        randn(&[2, 1280, 512]),
+    );
+    g.bench_function("kernel_b2_n1280_h8_d64", |b| {
+        b.iter(|| black_box(sora::nn::kernels::attention_bnhd(&q, &k, &v, 8, 0.125, None).unwrap()))
+    });
     g.finish();
 }
 

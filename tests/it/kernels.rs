@@ -63,10 +63,11 @@ fn kernel_attention_key_bias_matches_composed_attention() {
 
 #[test]
 fn kernel_attention_matches_composed_attention() {
-    // 2 batches, 3 heads of 40: 700 queries (11 query blocks, the last partial) over 1100 keys
-    // (3 key chunks of the online softmax, the last partial); then cross-attention to 9 keys.
+    // 2 batches, 3 heads of 40: 700 queries (3 query blocks, the last partial) over 2701 keys
+    // (3 equal key steps of the online softmax, 901 + 901 + 899); then 1100 keys (one step)
+    // and cross-attention to 9 keys.
     let (b, h, hd) = (2, 3, 40);
-    for (nq, nk) in [(700, 1100), (70, 9)] {
+    for (nq, nk) in [(700, 2701), (300, 1100), (70, 9)] {
         let q = (randn(1, &[b, nq, h * hd]) * 2.0).unwrap();
         let k = (randn(2, &[b, nk, h * hd]) * 2.0).unwrap();
         let v = randn(3, &[b, nk, h * hd]);
