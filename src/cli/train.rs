@@ -241,7 +241,7 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
                 100.0 * s.all
             );
         }
-        println!("shapes drawn per shape asked (circle/square/triangle/none):");
+        println!("shapes drawn per shape asked (circle/square/triangle/none or unclear):");
         for (l, s) in &report {
             let rows: Vec<String> = world::Shape::ALL
                 .iter()

@@ -66,8 +66,8 @@ pub fn exp_f32(x: f32) -> f32 {
     exp_with::<false>(x)
 }
 
-/// [`exp_f32`] with its multiply-adds fused when `FMA` (about half the instructions: measured
-/// 17% → 9% of an attention call on AVX-512).
+/// [`exp_f32`] with its multiply-adds fused when `FMA` (about half the instructions; the
+/// softmax's exp went from 17% to 11% of an attention call on AVX-512).
 #[inline(always)]
 fn exp_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -524,10 +524,11 @@ const ATT_BK: usize = 1280;
 /// Attention on the `[B, N, H·Dh]` layout: `q` `[B, Nq, H·Dh]`, `k`/`v` `[B, Nk, H·Dh]`,
 /// `key_bias` an optional `[B, Nk]` f32 term added to every head's scaled scores (the log
 /// multiplicity of merged duplicate keys, see `models::wan::dit::merge_repeated_keys`);
-/// returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores
-/// for 1024 keys at a time come from one GEMM into a thread-local tile (1 MiB, measured best of
-/// 64–512 × 256–2048 on n = 2048), an online softmax updates
-/// them in place, and a second GEMM accumulates `P·V`. Memory is O(tile), whatever N.
+/// returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores for one key
+/// step (the keys cut into equal steps of at most 1,280) come from one GEMM into a thread-local
+/// tile (at most 1.25 MiB; tile shapes 64–512 × 256–2,048 all measured within noise of each
+/// other at n = 2,048), an online softmax updates them in place, and a second GEMM accumulates
+/// `P·V`. Memory is O(tile), whatever N.
 pub fn attention_bnhd(
     q: &Tensor,
     k: &Tensor,
@@ -1070,4 +1071,29 @@ pub fn linear(
         })
     })?;
     Tensor::from_vec(out, (m, n), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fused path (what AVX2/AVX-512 machines run) is as accurate as the plain one: both
+    /// within 2e-7 relative of the f64 exp over the softmax/GELU/SiLU input range.
+    #[test]
+    fn exp_with_fma_and_without_match_f64() {
+        let mut worst = [0f64; 2];
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            for (i, got) in [super::exp_with::<true>(x), super::exp_with::<false>(x)]
+                .into_iter()
+                .enumerate()
+            {
+                worst[i] = worst[i].max(((got as f64 - want) / want).abs());
+            }
+            x += 0.013;
+        }
+        assert!(
+            worst[0] < 2e-7 && worst[1] < 2e-7,
+            "relative errors {worst:?}"
+        );
+    }
 }

@@ -33,7 +33,8 @@ pub struct Score {
     /// The asked-colour blob moves the asked way (false when the colour is absent).
     pub motion_correct: bool,
     /// The shape asked for and the shape the asked-colour blob has (None: no object-sized
-    /// blob of that colour), for the suite's confusion table.
+    /// blob of that colour, or no majority shape over its frames), for the suite's confusion
+    /// table.
     pub asked_shape: Option<Shape>,
     pub seen_shape: Option<Shape>,
 }
@@ -54,7 +55,8 @@ pub struct SuiteSummary {
     pub motion: f32,
     pub all: f32,
     /// Shape confusion: `shapes[asked][seen]` counts clips asking for `Shape::ALL[asked]` whose
-    /// blob was `Shape::ALL[seen]`, or (seen = 3) no object-sized blob of the asked colour.
+    /// blob was `Shape::ALL[seen]`, or (seen = 3) no object-sized blob of the asked colour or
+    /// no majority shape.
     pub shapes: [[usize; 4]; 3],
 }
 

@@ -638,17 +638,11 @@ pub fn train_dit(
         let target = (&noise - &x0)?;
         let t = (Tensor::from_vec(sig, b, &dev)? * 1000.0)?;
         let v = dit.forward(&xt, &t, &ctx)?;
-        let se = (v - target)?.sqr()?;
-        match &obj_w {
-            // Weighted mean: Σ w·e / (C · Σ w), so the scale matches the plain MSE.
-            Some(w) => {
-                let w = w.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
-                let c = se.dim(1)? as f64;
-                let norm = (w.sum_all()? * c)?;
-                Ok(se.broadcast_mul(&w)?.sum_all()?.broadcast_div(&norm)?)
-            }
-            None => Ok(se.mean_all()?),
-        }
+        let w = obj_w
+            .as_ref()
+            .map(|w| w.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0))
+            .transpose()?;
+        flow_matching_loss(&v, &target, w.as_ref())
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -664,6 +658,20 @@ pub fn train_dit(
     c["_class_name"] = "WanTransformer3DModel".into();
     write_json(&out.join("config.json"), &c)?;
     Ok(true)
+}
+
+/// The DiT's training loss: the mean squared error of the predicted velocity `v` against
+/// `target` (`[B, C, T, h, w]`), or with per-position weights `w` (`[B, 1, T, h, w]`, see
+/// [`object_weights`]) the weighted mean `Σ w·e / (C·Σ w)`, on the same scale as the plain MSE.
+pub fn flow_matching_loss(v: &Tensor, target: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let se = (v - target)?.sqr()?;
+    Ok(match w {
+        Some(w) => {
+            let norm = (w.sum_all()? * se.dim(1)? as f64)?;
+            se.broadcast_mul(w)?.sum_all()?.broadcast_div(&norm)?
+        }
+        None => se.mean_all()?,
+    })
 }
 
 /// Distance (in normalised latent units, L2 over channels) from a frame's background beyond

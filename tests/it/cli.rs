@@ -642,3 +642,27 @@ fn train_rejects_a_negative_object_weight_before_touching_the_directory() {
     );
     assert!(!out.exists(), "nothing is created for a rejected run");
 }
+
+#[test]
+fn train_object_weight_flag_reaches_the_recipe() {
+    let d = tmp("train-weight");
+    let out = d.join("run");
+    let (code, _, stderr) = run(sora()
+        .args([
+            "train",
+            "all",
+            "--smoke",
+            "--quiet",
+            "--dit-object-weight",
+            "0",
+            "--out",
+        ])
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
+    assert_eq!(r["dit_object_weight"], 0.0, "{r}");
+    assert!(out
+        .join("transformer/diffusion_pytorch_model.safetensors")
+        .is_file());
+}

@@ -274,7 +274,9 @@ fn dit_object_weights_mark_positions_away_from_the_frame_background() {
     for i in 0..n {
         for f in 0..t {
             for ch in 0..c {
-                let bg = 0.3 * (i + 1) as f32 - 0.5 * ch as f32 + 0.1 * f as f32;
+                // Backgrounds differ by more than the 1.5 threshold between frames and clips,
+                // so a per-clip or global median would misclassify whole frames.
+                let bg = 3.0 * (i + 1) as f32 - 0.5 * ch as f32 + 2.5 * f as f32;
                 for y in 0..h {
                     for x in 0..w {
                         // Object: a 2×2 block at column f + i, rows 1..3, 2.0 away per channel
@@ -299,4 +301,35 @@ fn dit_object_weights_mark_positions_away_from_the_frame_background() {
     assert_eq!(wts.dims(), &[n, 1, t, h, w]);
     let got: Vec<f32> = wts.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got, expect);
+}
+
+#[test]
+fn dit_weighted_loss_is_the_mse_under_unit_weights_and_follows_the_weights() {
+    use sora::train::recipe::flow_matching_loss;
+    let dev = Device::Cpu;
+    let (b, c, t, h, w) = (2, 3, 2, 4, 4);
+    let target = Tensor::zeros((b, c, t, h, w), DType::F32, &dev).unwrap();
+    // Error 1 at one position (all channels) of each item, 0 elsewhere.
+    let mut e = vec![0f32; b * c * t * h * w];
+    for bi in 0..b {
+        for ch in 0..c {
+            e[((bi * c + ch) * t) * h * w] = 1.0;
+        }
+    }
+    let v = Tensor::from_vec(e, (b, c, t, h, w), &dev).unwrap();
+    let scalar = |x: Tensor| x.to_scalar::<f32>().unwrap();
+    let plain = scalar(flow_matching_loss(&v, &target, None).unwrap());
+    assert!((plain - 1.0 / (t * h * w) as f32).abs() < 1e-7, "{plain}");
+    let ones = Tensor::ones((b, 1, t, h, w), DType::F32, &dev).unwrap();
+    let unit = scalar(flow_matching_loss(&v, &target, Some(&ones)).unwrap());
+    assert!((unit - plain).abs() < 1e-7, "{unit} vs {plain}");
+    // Weight 5 on the erring position: 5 / (5 + 31) per channel-mean.
+    let mut wv = vec![1f32; b * t * h * w];
+    for bi in 0..b {
+        wv[bi * t * h * w] = 5.0;
+    }
+    let wt = Tensor::from_vec(wv, (b, 1, t, h, w), &dev).unwrap();
+    let weighted = scalar(flow_matching_loss(&v, &target, Some(&wt)).unwrap());
+    let n = (t * h * w) as f32;
+    assert!((weighted - 5.0 / (n + 4.0)).abs() < 1e-6, "{weighted}");
 }
