@@ -7,11 +7,12 @@
 # cosine schedule recomputed for the new total):
 #   1. 5,000 steps, plain flow-matching MSE (the recipe's first `train all`);
 #   2. resumed to 7,000 steps, plain MSE;
-#   3. resumed to 11,000 steps with object tokens weighted 5x (--dit-object-weight 4).
+#   3. resumed to 11,000 steps with object tokens weighted 5x (--dit-object-weight 4);
+#   4. resumed to 14,000 steps, same weighting.
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
-# loss (see weights/README.md), and the vectorised kernels have fused multiply-adds since the
-# shipped DiT was trained, which changes float rounding.
-# About 3 h 20 min on 2 cores (VAE stages ~40 min, encode 4 min, DiT 0.7-0.95 s/step).
+# loss (see weights/README.md), and the vectorised kernels gained fused multiply-adds (float
+# rounding) after the shipped DiT's first three segments were trained.
+# About 4 h on 2 cores (VAE stages ~40 min, encode 4 min, DiT 0.7-0.95 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,7 @@ if [[ ! -f $out/work-dit/segment-5000-done ]]; then
 fi
 segment 7000 0
 segment 11000 4
-"$sora" train all --out "$out" --dit-steps 11000 --dit-object-weight 4
+segment 14000 4
+"$sora" train all --out "$out" --dit-steps 14000 --dit-object-weight 4
 echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
     "$out/work-* $out/latents.safetensors $out/captions.json" >&2
