@@ -605,7 +605,8 @@ pub fn train_dit(
         let mut rng = step_rng(r.seed, 3, step);
         let b = r.dit_batch;
         let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
-        let x0 = latents.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
+        let idx_t = Tensor::new(idx.as_slice(), &dev)?;
+        let x0 = latents.index_select(&idx_t, 0)?;
         let texts: Vec<String> = idx
             .iter()
             .map(|i| {
@@ -640,7 +641,7 @@ pub fn train_dit(
         let v = dit.forward(&xt, &t, &ctx)?;
         let w = obj_w
             .as_ref()
-            .map(|w| w.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0))
+            .map(|w| w.index_select(&idx_t, 0))
             .transpose()?;
         flow_matching_loss(&v, &target, w.as_ref())
     })?;
