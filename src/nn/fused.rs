@@ -208,6 +208,23 @@ impl Linear {
         super::kernels::usable(x) && self.weight_t.is_contiguous()
     }
 
+    /// `epilogue(forward(x))` as one GEMM and one in-cache pass over each output row
+    /// ([`super::kernels::linear_epilogue`]) where the CPU kernels apply; `None` elsewhere
+    /// (training, other devices, other dtypes), where the caller composes the ops.
+    pub fn forward_epilogue(
+        &self,
+        x: &Tensor,
+        epilogue: super::kernels::Epilogue,
+    ) -> Result<Option<Tensor>> {
+        if !self.kernel_usable(x) {
+            return Ok(None);
+        }
+        self.rows2d(x, |x2, _| {
+            super::kernels::linear_epilogue(x2, &self.weight_t, self.bias.as_ref(), epilogue)
+        })
+        .map(Some)
+    }
+
     /// `x` flattened to 2-D and back around `op`, which maps `[M, K]` to `[M, out]`.
     fn rows2d(
         &self,

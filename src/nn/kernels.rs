@@ -273,6 +273,85 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `y ← gelu_tanh(y + b)` in place (no bias: `gelu_tanh(y)`).
+    fn bias_gelu_row(y: &mut [f32], b: Option<&[f32]>) {
+        match b {
+            Some(b) => {
+                for (v, &bv) in y.iter_mut().zip(b) {
+                    *v = gelu_one::<FMA>(*v + bv);
+                }
+            }
+            None => {
+                for v in y.iter_mut() {
+                    *v = gelu_one::<FMA>(*v);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y ← y + b` in place; returns `Σ y²` of the result (16 lanes, so it vectorises).
+    fn bias_sq_row(y: &mut [f32], b: Option<&[f32]>) -> f32 {
+        if let Some(b) = b {
+            for (v, &bv) in y.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+        let mut acc = [0f32; 16];
+        let mut chunks = y.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                acc[i] += c[i] * c[i];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for &v in chunks.remainder() {
+            s += v * v;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `y ← (y / std)·g` in place, then, with tables, interleaved RoPE on each head of
+    /// `c.len()·2` values: `(y₀, y₁) ← (y₀c − y₁s, y₀s + y₁c)`.
+    fn norm_rope_row(y: &mut [f32], std: f32, g: &[f32], rope: Option<(&[f32], &[f32])>) {
+        for (v, &gv) in y.iter_mut().zip(g) {
+            *v = (*v / std) * gv;
+        }
+        if let Some((c, s)) = rope {
+            let hd = 2 * c.len();
+            for head in y.chunks_exact_mut(hd) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * c[i] - x1 * s[i];
+                    pair[1] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y ← x + (y + b)·gate` in place.
+    fn bias_gated_row(y: &mut [f32], b: Option<&[f32]>, x: &[f32], gate: &[f32]) {
+        match b {
+            Some(b) => {
+                for (((v, &bv), &xv), &gv) in y.iter_mut().zip(b).zip(x).zip(gate) {
+                    *v = xv + (*v + bv) * gv;
+                }
+            }
+            None => {
+                for ((v, &xv), &gv) in y.iter_mut().zip(x).zip(gate) {
+                    *v = xv + *v * gv;
+                }
+            }
+        }
+    }
+}
+
 /// An output buffer every element of which the caller overwrites before reading.
 fn output_buffer(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
@@ -1071,6 +1150,171 @@ pub fn linear(
             Ok(())
         })
     })?;
+    Tensor::from_vec(out, (m, n), x.device())
+}
+
+/// What [`linear_epilogue`] does to each output row `y = x·Wᵀ` (bias not yet added) right
+/// after the GEMM, in one pass over the row while it is in cache, instead of a bias pre-fill
+/// pass, a read of it by the GEMM, and separate passes with new buffers for what follows.
+pub enum Epilogue<'a> {
+    /// `gelu_tanh(y + bias)`: the DiT's FFN input layer.
+    Gelu,
+    /// `rms_norm(y + bias)·gamma` over the whole row (`eps`), then, with `rope` tables
+    /// `(cos, sin)` `[tokens, Dh/2]`, interleaved RoPE on each of `heads` heads, row `r` being
+    /// token `r % tokens`: the Wan attention's q/k (`rms_norm_across_heads`).
+    RmsRope {
+        gamma: &'a Tensor,
+        eps: f64,
+        rope: Option<(&'a Tensor, &'a Tensor)>,
+        heads: usize,
+        tokens: usize,
+    },
+    /// `x + (y + bias)·gate` with `x` shaped like the output and `gate` `[G, 1, N]` (or `[N]`)
+    /// for `G` equal groups of rows: the DiT's gated residuals.
+    Gated { x: &'a Tensor, gate: &'a Tensor },
+}
+
+/// `epilogue(x·Wᵀ + bias)` for `x` `[M, K]` and `wt` = `Wᵀ` `[K, N]` (see [`Epilogue`]); the
+/// GEMM writes its output without reading it, and the epilogue runs in place.
+pub fn linear_epilogue(
+    x: &Tensor,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    let (x, wt) = (prep(x)?, prep(wt)?);
+    let (m, k) = x.dims2()?;
+    let (k2, n) = wt.dims2()?;
+    if k2 != k {
+        candle_core::bail!("linear: input {:?} but weight {:?}", x.shape(), wt.shape());
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != n) {
+        candle_core::bail!(
+            "linear: bias of {} for {n} outputs",
+            bias.map_or(0, |b| b.len())
+        );
+    }
+    let mut out = output_buffer(m * n);
+    with_data(&x, |xs| {
+        with_data(&wt, |ws| {
+            // SAFETY: dst is m×n row-major (written, not read), lhs m×k, rhs k×n row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    k as isize,
+                    ws.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+            Ok(())
+        })
+    })?;
+    let b = bias.as_deref();
+    let rpt = rows_per_task(n);
+    match epilogue {
+        Epilogue::Gelu => out
+            .par_chunks_mut(rpt * n)
+            .for_each(|rows| rows.chunks_mut(n).for_each(|y| bias_gelu_row(y, b))),
+        Epilogue::RmsRope {
+            gamma,
+            eps,
+            rope,
+            heads,
+            tokens,
+        } => {
+            let gamma = prep(gamma)?.to_vec1::<f32>()?;
+            if gamma.len() != n {
+                candle_core::bail!("linear: norm weight of {} for {n} outputs", gamma.len());
+            }
+            let tables = match rope {
+                Some((c, s)) => {
+                    let half = n / heads.max(1) / 2;
+                    if heads == 0
+                        || n % (2 * heads) != 0
+                        || tokens == 0
+                        || m % tokens != 0
+                        || c.dims() != [tokens, half]
+                        || s.dims() != [tokens, half]
+                    {
+                        candle_core::bail!(
+                            "linear: RoPE tables {:?}/{:?} for {m} rows of {tokens} tokens, {heads} heads of {n} outputs",
+                            c.shape(),
+                            s.shape()
+                        );
+                    }
+                    Some((
+                        prep(c)?.flatten_all()?.to_vec1::<f32>()?,
+                        prep(s)?.flatten_all()?.to_vec1::<f32>()?,
+                        half,
+                    ))
+                }
+                None => None,
+            };
+            out.par_chunks_mut(rpt * n)
+                .enumerate()
+                .for_each(|(ti, rows)| {
+                    for (ri, y) in rows.chunks_mut(n).enumerate() {
+                        let var = bias_sq_row(y, b) / n as f32;
+                        let std = (var + eps as f32).sqrt();
+                        let rope = tables.as_ref().map(|(c, s, half)| {
+                            let t = (ti * rpt + ri) % tokens;
+                            (&c[t * half..(t + 1) * half], &s[t * half..(t + 1) * half])
+                        });
+                        norm_rope_row(y, std, &gamma, rope);
+                    }
+                });
+        }
+        Epilogue::Gated { x: res, gate } => {
+            let res = prep(res)?;
+            if res.elem_count() != m * n {
+                candle_core::bail!("linear: residual {:?} for output [{m}, {n}]", res.shape());
+            }
+            let gate = prep(gate)?;
+            let groups = match gate.dims() {
+                [g] if *g == n => 1,
+                [g, 1, gn] if *gn == n && *g > 0 && m % *g == 0 => *g,
+                _ => candle_core::bail!("linear: gate {:?} for output [{m}, {n}]", gate.shape()),
+            };
+            let per_group = m / groups;
+            with_data(&res, |xs| {
+                with_data(&gate, |gs| {
+                    out.par_chunks_mut(rpt * n)
+                        .enumerate()
+                        .for_each(|(ti, rows)| {
+                            for (ri, y) in rows.chunks_mut(n).enumerate() {
+                                let r = ti * rpt + ri;
+                                let g = r / per_group;
+                                bias_gated_row(
+                                    y,
+                                    b,
+                                    &xs[r * n..(r + 1) * n],
+                                    &gs[g * n..(g + 1) * n],
+                                );
+                            }
+                        });
+                    Ok(())
+                })
+            })?;
+        }
+    }
     Tensor::from_vec(out, (m, n), x.device())
 }
 

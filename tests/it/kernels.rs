@@ -213,3 +213,84 @@ fn kernel_channel_rms_norm_silu_matches_composed_ops() {
     let got = kernels::channel_rms_silu(&x, &gamma, false).unwrap();
     assert_close("channel rms norm", &got, &want, 2e-6);
 }
+
+/// The fused Linear epilogues (GEMM, then bias + GELU, bias + RMS norm + RoPE, or bias + gated
+/// residual in one pass over each row) against the ops composed one by one, on shapes with
+/// row blocks and a batch of two token groups.
+#[test]
+fn kernel_linear_epilogues_match_composed_ops() {
+    use kernels::Epilogue;
+    let (b, n, k, h, hd) = (2, 37, 40, 3, 16);
+    let out = h * hd;
+    let x = randn(20, &[b * n, k]);
+    let w = (randn(21, &[out, k]) * 0.3).unwrap();
+    let wt = w.t().unwrap().contiguous().unwrap();
+    let bias = randn(22, &[out]);
+    let lin = x.matmul(&wt).unwrap().broadcast_add(&bias).unwrap();
+
+    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), Epilogue::Gelu).unwrap();
+    assert_close("linear + bias + gelu", &got, &lin.gelu().unwrap(), 2e-6);
+
+    let gamma = randn(23, &[out]);
+    let eps = 1e-6;
+    let ms = lin.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let normed = lin
+        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&gamma)
+        .unwrap();
+    let norm_only = Epilogue::RmsRope {
+        gamma: &gamma,
+        eps,
+        rope: None,
+        heads: h,
+        tokens: n,
+    };
+    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), norm_only).unwrap();
+    assert_close("linear + bias + rms norm", &got, &normed, 2e-6);
+
+    let ang = (randn(24, &[n, hd / 2]) * 3.0).unwrap();
+    let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+    let want = kernels::rope_bnhd(&normed.reshape((b, n, out)).unwrap(), &cos, &sin, h)
+        .unwrap()
+        .reshape((b * n, out))
+        .unwrap();
+    let with_rope = Epilogue::RmsRope {
+        gamma: &gamma,
+        eps,
+        rope: Some((&cos, &sin)),
+        heads: h,
+        tokens: n,
+    };
+    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), with_rope).unwrap();
+    assert_close("linear + bias + rms norm + rope", &got, &want, 2e-6);
+
+    let res = randn(25, &[b, n, out]);
+    let gate = randn(26, &[b, 1, out]);
+    let want = (&res
+        + lin
+            .reshape((b, n, out))
+            .unwrap()
+            .broadcast_mul(&gate)
+            .unwrap())
+    .unwrap()
+    .reshape((b * n, out))
+    .unwrap();
+    let gated = Epilogue::Gated {
+        x: &res,
+        gate: &gate,
+    };
+    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), gated).unwrap();
+    assert_close("linear + bias + gated residual", &got, &want, 2e-6);
+
+    // Tables for the wrong token count are refused, naming the shapes.
+    let bad = Epilogue::RmsRope {
+        gamma: &gamma,
+        eps,
+        rope: Some((&cos, &sin)),
+        heads: h,
+        tokens: n + 1,
+    };
+    let e = kernels::linear_epilogue(&x, &wt, Some(&bias), bad).unwrap_err();
+    assert!(e.to_string().contains("RoPE tables"), "{e}");
+}

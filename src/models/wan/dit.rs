@@ -17,7 +17,7 @@ use super::keys::{self, Layout};
 use super::rope::{apply_rope, WanRope};
 use crate::nn::attention;
 use crate::nn::fused::{gated_residual, gelu_tanh, linear, Linear};
-use crate::nn::kernels;
+use crate::nn::kernels::{self, Epilogue};
 use crate::nn::norm::{layer_norm, layer_norm_modulate, rms_norm};
 use crate::weights::TensorStore;
 
@@ -83,16 +83,51 @@ impl WanAttention {
         context: Option<&Tensor>,
         key_bias: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
-        residual: Option<&Tensor>,
+        out: Out,
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let kv_in = context.unwrap_or(x);
         let l = kv_in.dim(1)?;
         let hd = d / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // CPU inference: bias, q/k norm and RoPE applied to each row of the projections'
+        // output while it is in cache, and the output projection's gated residual likewise.
+        let qk = |lin: &Linear, input: &Tensor, gamma: &Tensor, tokens: usize| {
+            lin.forward_epilogue(
+                input,
+                Epilogue::RmsRope {
+                    gamma,
+                    eps: self.eps,
+                    rope: rope.map(|(c, s)| (c, s)),
+                    heads: self.heads,
+                    tokens,
+                },
+            )
+        };
+        if kernels::usable(x) {
+            if let (Some(q), Some(k)) = (
+                qk(&self.to_q, x, &self.norm_q, n)?,
+                qk(&self.to_k, kv_in, &self.norm_k, l)?,
+            ) {
+                let v = self.to_v.forward(kv_in)?;
+                let o = kernels::attention_bnhd(&q, &k, &v, self.heads, scale, key_bias)?;
+                return match out {
+                    Out::Residual(r) => self.to_out.forward_add(&o, r),
+                    Out::Gated(r, gate) => {
+                        match self
+                            .to_out
+                            .forward_epilogue(&o, Epilogue::Gated { x: r, gate })?
+                        {
+                            Some(y) => Ok(y),
+                            None => gated_residual(r, &self.to_out.forward(&o)?, gate),
+                        }
+                    }
+                };
+            }
+        }
         let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
         let k = rms_norm(&self.to_k.forward(kv_in)?, &self.norm_k, self.eps)?;
         let v = self.to_v.forward(kv_in)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let o = if kernels::usable(x) {
             // Fused CPU path on the [B, N, H·Dh] layout: no head transposes or copies.
             let (q, k) = match rope {
@@ -121,11 +156,24 @@ impl WanAttention {
             let o = attention(&q, &k, &v, scale, bias.as_ref())?;
             o.transpose(1, 2)?.reshape((b, n, d))?
         };
-        match residual {
-            Some(r) => self.to_out.forward_add(&o, r),
-            None => self.to_out.forward(&o),
+        match out {
+            Out::Residual(r) => self.to_out.forward_add(&o, r),
+            Out::Gated(r, gate) => {
+                let a = self.to_out.forward(&o)?;
+                gated_residual(&r.to_dtype(DType::F32)?, &a.to_dtype(DType::F32)?, gate)?
+                    .to_dtype(a.dtype())
+            }
         }
     }
+}
+
+/// What follows an attention's output projection `a`.
+#[derive(Clone, Copy)]
+enum Out<'a> {
+    /// `r + a`.
+    Residual(&'a Tensor),
+    /// `r + a·gate` in f32 (`gate` `[B, 1, D]` f32), returned in `a`'s dtype.
+    Gated(&'a Tensor, &'a Tensor),
 }
 
 #[derive(Debug, Clone)]
@@ -186,8 +234,10 @@ impl WanBlock {
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &shift, &scale, self.eps)?.to_dtype(dtype)?;
-        let a = self.attn1.forward(&h, None, None, Some(rope), None)?;
-        let x = gated_residual(&xf, &a.to_dtype(DType::F32)?, &gate)?.to_dtype(dtype)?;
+        let x = self
+            .attn1
+            .forward(&h, None, None, Some(rope), Out::Gated(&xf, &gate))?
+            .to_dtype(dtype)?;
 
         let h = match &self.norm2 {
             Some((w, b)) => {
@@ -197,10 +247,22 @@ impl WanBlock {
         };
         let x = self
             .attn2
-            .forward(&h, Some(context), key_bias, None, Some(&x))?;
+            .forward(&h, Some(context), key_bias, None, Out::Residual(&x))?;
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
+        // CPU inference: bias + GELU and bias + gated residual in the GEMMs' row passes.
+        if let Some(f) = self.ffn_in.forward_epilogue(&h, Epilogue::Gelu)? {
+            let gated = Epilogue::Gated {
+                x: &xf,
+                gate: &c_gate,
+            };
+            if let Some(y) = self.ffn_out.forward_epilogue(&f, gated)? {
+                return y.to_dtype(dtype);
+            }
+            let f = self.ffn_out.forward(&f)?;
+            return gated_residual(&xf, &f.to_dtype(DType::F32)?, &c_gate)?.to_dtype(dtype);
+        }
         let f = self
             .ffn_out
             .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
