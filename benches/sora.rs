@@ -136,6 +136,13 @@ fn bench_dit(c: &mut Criterion) {
     g.bench_function("mid_b2_tokens1280_d512_l4", |b| {
         b.iter(|| black_box(mid.forward_embedded(&x, &t, &e, (0, 0, 0)).unwrap()))
     });
+    // What a guided sampler step runs: one latent under two contexts (`forward_guided`, the
+    // first block's self-attention shared).
+    let x1 = x.narrow(0, 0, 1).unwrap();
+    let t1 = t.narrow(0, 0, 1).unwrap();
+    g.bench_function("mid_guided_1x2_tokens1280_d512_l4", |b| {
+        b.iter(|| black_box(mid.forward_guided(&x1, &t1, &e, (0, 0, 0)).unwrap()))
+    });
     g.finish();
 }
 

@@ -6,7 +6,11 @@ VAE base 32) in the diffusers layout, runs WanPipeline and `sora gen` on it with
 and prints sora/PyTorch ratios for the DiT step, the VAE decode, end to end, and peak memory,
 plus the DiT step's GFLOP/s against the machine's best f32 GEMM (torch, 2048³).
 
-  /opt/refvenv/bin/python scripts/bench/side_by_side.py [--sora target/release/sora] [--res 256x256] [--frames 17] [--steps 20]
+The two sides run in alternating rounds (PyTorch, sora, PyTorch, sora, ...; 3 by default):
+these 2-core machines drift by 10-15% within minutes, so one run of each can land on
+different sides of a drift. Every round's ratios are printed, then the median round's.
+
+  /opt/refvenv/bin/python scripts/bench/side_by_side.py [--sora target/release/sora] [--res 256x256] [--frames 17] [--steps 20] [--rounds 3]
 """
 
 import argparse
@@ -75,6 +79,7 @@ def main():
     ap.add_argument("--res", default="256x256")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     w, h = map(int, args.res.split("x"))
     torch.set_num_threads(2)
@@ -104,15 +109,19 @@ def main():
         return r
 
     dit.forward, vae.decode = timed_fwd, timed_dec
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pipe(prompt=prompt, negative_prompt=negative, height=h, width=w, num_frames=args.frames,
-             num_inference_steps=args.steps, guidance_scale=5.0, latents=noise.clone(), max_sequence_length=64,
-             output_type="np")
-    torch_total = time.perf_counter() - t0
-    torch_step = sum(dit_times) / args.steps  # a guided step = 2 transformer calls
-    torch_decode = sum(dec_times)
-    torch_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def run_torch():
+        dit_times.clear()
+        dec_times.clear()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt=prompt, negative_prompt=negative, height=h, width=w, num_frames=args.frames,
+                 num_inference_steps=args.steps, guidance_scale=5.0, latents=noise.clone(), max_sequence_length=64,
+                 output_type="np")
+        total = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # A guided step = 2 transformer calls.
+        return sum(dit_times) / args.steps, sum(dec_times), total, peak
 
     # sora: same checkpoint, same noise, 2 threads.
     with open(os.path.join(model, "sora.json"), "w") as f:
@@ -120,30 +129,40 @@ def main():
                    "fps": 16, "width": w, "height": h, "frames": args.frames, "negative_prompt": negative, "text_len": 64}}, f)
     cmd = [args.sora, "gen", "--model", model, "--prompt", prompt, "--init-noise", os.path.join(work, "noise.safetensors"),
            "--threads", "2", "--json", "-o", os.path.join(work, "sora.mp4")]
-    t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, check=True)
-    sora_total = time.perf_counter() - t0
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    sora_peak = int(out.stderr.strip().splitlines()[-1]) / 1024
-    sora_step = res["timings"]["denoise"] / args.steps
-    sora_decode = res["timings"]["decode_and_write"]
+
+    def run_sora():
+        t0 = time.perf_counter()
+        out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, check=True)
+        total = time.perf_counter() - t0
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        peak = int(out.stderr.strip().splitlines()[-1]) / 1024
+        return res["timings"]["denoise"] / args.steps, res["timings"]["decode_and_write"], total, peak
+
+    names = ["DiT guided step (s)", "VAE decode (s)", "end to end (s)", "peak memory (MiB)"]
+    rounds = []
+    for r in range(args.rounds):
+        t, s_ = run_torch(), run_sora()
+        rounds.append((t, s_))
+        print(f"round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {b / a:.2f}" for n, a, b in zip(names, t, s_)),
+              flush=True)
 
     tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
     flops = 2 * dit_flops(tokens, 64)  # guided: two passes
     peak = gemm_gflops()
-    rows = [
-        ("DiT guided step (s)", torch_step, sora_step),
-        ("VAE decode (s)", torch_decode, sora_decode),
-        ("end to end (s)", torch_total, sora_total),
-        ("peak memory (MiB)", torch_peak, sora_peak),
-    ]
+    # The median round by its DiT-step ratio (so one round's figures are shown together).
+    rounds.sort(key=lambda ts: ts[1][0] / ts[0][0])
+    torch_r, sora_r = rounds[len(rounds) // 2]
+    print(f"median round of {len(rounds)} (by the DiT step ratio):")
     print(f"{'':24}{'PyTorch':>10}{'sora':>10}{'sora/PyTorch':>14}")
-    for name, a, b in rows:
+    for name, a, b in zip(names, torch_r, sora_r):
         print(f"{name:24}{a:10.2f}{b:10.2f}{b / a:14.2f}")
+    for i, name in enumerate(names):
+        ratios = sorted(s_[i] / t[i] for t, s_ in rounds)
+        print(f"  {name.split(' (')[0]}: ratios {ratios[0]:.2f} to {ratios[-1]:.2f} over the rounds")
+    sora_step, torch_step = sora_r[0], torch_r[0]
     print(f"DiT step: {tokens} tokens, {flops / 1e9:.1f} GFLOP; sora {flops / sora_step / 1e9:.0f} GFLOP/s, "
           f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "
           f"sora reaches {100 * flops / sora_step / 1e9 / peak:.0f}% of it")
-
 
 if __name__ == "__main__":
     main()

@@ -203,17 +203,19 @@ fn guided_velocity(
 ) -> Result<Tensor> {
     let b = x.dim(0)?;
     let guided = guidance > 1.0;
-    let (x2, ctx2) = if guided {
+    let ctx2 = if guided {
         let c = ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?;
         let u = ctx.narrow(0, 1, 1)?.repeat((b, 1, 1))?;
-        (Tensor::cat(&[x, x], 0)?, Tensor::cat(&[c, u], 0)?)
+        Tensor::cat(&[c, u], 0)?
     } else {
-        (x.clone(), ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?)
+        ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?
     };
-    let tt = Tensor::full(t, x2.dim(0)?, &model.device)?;
+    let tt = Tensor::full(t, b, &model.device)?;
+    // Both passes share the latent and the timestep: the transformer runs what does not see
+    // the text once (see `forward_guided`).
     let v = model
         .transformer
-        .forward_embedded(&x2, &tt, &ctx2, (0, 0, 0))
+        .forward_guided(x, &tt, &ctx2, (0, 0, 0))
         .context("denoising step")?;
     if guided {
         let cond = v.narrow(0, 0, b)?;

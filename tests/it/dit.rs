@@ -381,3 +381,64 @@ fn dit_rope_offsets_cancel_in_attention() {
     let b = model.forward_embedded(&x, &t, &ctx, (40, 7, 13)).unwrap();
     assert_close("offset (40, 7, 13) vs 0", &b, &a, 1e-5);
 }
+
+#[test]
+fn dit_guided_forward_shares_the_first_self_attention_exactly() {
+    // Classifier-free guidance runs the latent under two contexts; `forward_guided` computes
+    // the first block's self-attention once for both. It must equal the plain forward pass
+    // on the latent and timestep repeated, context by context (same ops on the same numbers).
+    let io = load("dit_b_io.safetensors");
+    let cfg: WanTransformerConfig =
+        read_config(&fixture("wan-tiny-native/transformer_config.json")).unwrap();
+    let (model, _) = load_transformer(
+        &fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors"),
+        Some(cfg),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ctx = model.embed_text(&get(&io, "context")).unwrap();
+    let (x, t) = (get(&io, "latents"), get(&io, "timestep"));
+    let b = x.dim(0).unwrap();
+    // Two contexts per item: the fixture's and a different one (cross-attention ignores key
+    // order, so a permutation would not do: scale and shift it).
+    let other = ctx.affine(-0.7, 0.3).unwrap();
+    let ctx2 = Tensor::cat(&[&ctx, &other], 0).unwrap();
+    let got = model.forward_guided(&x, &t, &ctx2, (0, 0, 0)).unwrap();
+    let x2 = Tensor::cat(&[&x, &x], 0).unwrap();
+    let t2 = Tensor::cat(&[&t, &t], 0).unwrap();
+    let want = model.forward_embedded(&x2, &t2, &ctx2, (0, 0, 0)).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let diff = got
+        .sub(&want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 1e-6,
+        "guided vs repeated forward: max abs diff {diff}"
+    );
+    // The two contexts really give different velocities (the check above is not vacuous).
+    let split = (got.narrow(0, 0, b).unwrap() - got.narrow(0, b, b).unwrap()).unwrap();
+    let spread = split
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        spread > 1e-3,
+        "contexts gave the same velocity (spread {spread})"
+    );
+    // A context count that is not a multiple of the latents is refused.
+    let e = model
+        .forward_guided(&x2, &t2, &ctx, (0, 0, 0))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.to_string().contains("contexts"), "{e}");
+}

@@ -63,11 +63,21 @@ fn kernel_attention_key_bias_matches_composed_attention() {
 
 #[test]
 fn kernel_attention_matches_composed_attention() {
-    // 2 batches, 3 heads of 40: 700 queries (3 query blocks, the last partial) over 2701 keys
-    // (3 equal key steps of the online softmax, 901 + 901 + 899); then 1100 keys (one step)
-    // and cross-attention to 9 keys.
-    let (b, h, hd) = (2, 3, 40);
-    for (nq, nk) in [(700, 2701), (300, 1100), (70, 9)] {
+    // 2 batches, 3 heads: 700 queries (3 query blocks, the last partial, and row counts that
+    // leave 6-, 3- and 1-row remainders) over 2701 keys (3 key steps of the online softmax);
+    // then 1100 keys (one step) and cross-attention to 9 keys; head dims 40, 64 (the
+    // side-by-side DiT's) and 32 (the bundled model's).
+    let b = 2;
+    for (h, hd, nq, nk) in [
+        (3, 40, 700, 2701),
+        (3, 40, 300, 1100),
+        (3, 40, 70, 9),
+        (3, 64, 700, 2701),
+        (2, 64, 301, 1100),
+        (3, 64, 70, 9),
+        (3, 32, 302, 1281),
+        (3, 32, 71, 9),
+    ] {
         let q = (randn(1, &[b, nq, h * hd]) * 2.0).unwrap();
         let k = (randn(2, &[b, nk, h * hd]) * 2.0).unwrap();
         let v = randn(3, &[b, nk, h * hd]);
@@ -110,12 +120,17 @@ fn kernel_attention_matches_composed_attention() {
         };
         let err_kernel = crate::common::max_abs_diff(&got, &exact);
         let err_candle = crate::common::max_abs_diff(&want, &exact);
-        println!("attention {nq}×{nk} vs f64: kernel {err_kernel:.2e}, candle blockwise {err_candle:.2e}");
+        println!("attention hd {hd} {nq}×{nk} vs f64: kernel {err_kernel:.2e}, candle blockwise {err_candle:.2e}");
         assert!(
             err_kernel <= 1.5 * err_candle.max(1e-6),
             "kernel {err_kernel:.2e} vs candle {err_candle:.2e}"
         );
-        assert_close(&format!("attention kernel {nq}×{nk}"), &got, &want, 1e-5);
+        assert_close(
+            &format!("attention kernel hd {hd} {nq}×{nk}"),
+            &got,
+            &want,
+            1e-5,
+        );
     }
 }
 
