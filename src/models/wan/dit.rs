@@ -264,7 +264,7 @@ impl WanBlock {
         };
         let x = self
             .attn2
-            .forward(&h, Some(context), key_bias, None, Out::Residual(&x))?;
+            .forward(&h, Some(context), key_bias, None, Out::Residual(x))?;
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
