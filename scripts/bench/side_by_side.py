@@ -6,9 +6,10 @@ VAE base 32) in the diffusers layout, runs WanPipeline and `sora gen` on it with
 and prints sora/PyTorch ratios for the DiT step, the VAE decode, end to end, and peak memory,
 plus the DiT step's GFLOP/s against the machine's best f32 GEMM (torch, 2048³).
 
-The two sides run in alternating rounds (PyTorch, sora, PyTorch, sora, ...; 3 by default):
-these 2-core machines drift by 10-15% within minutes, so one run of each can land on
+The two sides run in rounds (3 by default; PyTorch first in odd rounds, sora first in even
+ones): these 2-core machines drift by 10-15% within minutes, so one run of each can land on
 different sides of a drift. Every round's ratios are printed, then the median round's.
+PyTorch runs warm after its first round (same process); sora runs as a fresh process each time.
 
   /opt/refvenv/bin/python scripts/bench/side_by_side.py [--sora target/release/sora] [--res 256x256] [--frames 17] [--steps 20] [--rounds 3]
 """
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     w, h = map(int, args.res.split("x"))
     torch.set_num_threads(2)
     work = tempfile.mkdtemp(prefix="sora-sbs-")
@@ -141,7 +144,11 @@ def main():
     names = ["DiT guided step (s)", "VAE decode (s)", "end to end (s)", "peak memory (MiB)"]
     rounds = []
     for r in range(args.rounds):
-        t, s_ = run_torch(), run_sora()
+        # Alternate which side goes first, so a steady drift does not favour one side.
+        if r % 2 == 0:
+            t, s_ = run_torch(), run_sora()
+        else:
+            s_, t = run_sora(), run_torch()
         rounds.append((t, s_))
         print(f"round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {b / a:.2f}" for n, a, b in zip(names, t, s_)),
               flush=True)
@@ -149,7 +156,8 @@ def main():
     tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
     flops = 2 * dit_flops(tokens, 64)  # guided: two passes
     peak = gemm_gflops()
-    # The median round by its DiT-step ratio (so one round's figures are shown together).
+    # The median round by its DiT-step ratio (so one round's figures are shown together; the
+    # upper middle one for an even count).
     rounds.sort(key=lambda ts: ts[1][0] / ts[0][0])
     torch_r, sora_r = rounds[len(rounds) // 2]
     print(f"median round of {len(rounds)} (by the DiT step ratio):")
@@ -159,6 +167,7 @@ def main():
     for i, name in enumerate(names):
         ratios = sorted(s_[i] / t[i] for t, s_ in rounds)
         print(f"  {name.split(' (')[0]}: ratios {ratios[0]:.2f} to {ratios[-1]:.2f} over the rounds")
+    print("  (PyTorch's peak memory is its process's high-water mark up to that round; sora's is its own run's)")
     sora_step, torch_step = sora_r[0], torch_r[0]
     print(f"DiT step: {tokens} tokens, {flops / 1e9:.1f} GFLOP; sora {flops / sora_step / 1e9:.0f} GFLOP/s, "
           f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "

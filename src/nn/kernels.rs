@@ -1186,16 +1186,23 @@ pub fn linear_epilogue(
     let (m, k) = x.dims2()?;
     let (k2, n) = wt.dims2()?;
     if k2 != k {
-        candle_core::bail!("linear: input {:?} but weight {:?}", x.shape(), wt.shape());
+        candle_core::bail!(
+            "linear epilogue: input {:?} but weight {:?}",
+            x.shape(),
+            wt.shape()
+        );
     }
     let bias = bias
         .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
         .transpose()?;
     if bias.as_ref().is_some_and(|b| b.len() != n) {
         candle_core::bail!(
-            "linear: bias of {} for {n} outputs",
+            "linear epilogue: bias of {} for {n} outputs",
             bias.map_or(0, |b| b.len())
         );
+    }
+    if m == 0 || n == 0 {
+        return Tensor::zeros((m, n), DType::F32, x.device());
     }
     let mut out = output_buffer(m * n);
     with_data(&x, |xs| {
@@ -1242,7 +1249,10 @@ pub fn linear_epilogue(
         } => {
             let gamma = prep(gamma)?.to_vec1::<f32>()?;
             if gamma.len() != n {
-                candle_core::bail!("linear: norm weight of {} for {n} outputs", gamma.len());
+                candle_core::bail!(
+                    "linear RMS norm epilogue: norm weight of {} for {n} outputs",
+                    gamma.len()
+                );
             }
             let tables = match rope {
                 Some((c, s)) => {
@@ -1255,7 +1265,7 @@ pub fn linear_epilogue(
                         || s.dims() != [tokens, half]
                     {
                         candle_core::bail!(
-                            "linear: RoPE tables {:?}/{:?} for {m} rows of {tokens} tokens, {heads} heads of {n} outputs",
+                            "linear RMS norm epilogue: RoPE tables {:?}/{:?} for {m} rows of {tokens} tokens, {heads} heads of {n} outputs (expected [{tokens}, {half}] each)",
                             c.shape(),
                             s.shape()
                         );
@@ -1284,14 +1294,18 @@ pub fn linear_epilogue(
         }
         Epilogue::Gated { x: res, gate } => {
             let res = prep(res)?;
-            if res.elem_count() != m * n {
-                candle_core::bail!("linear: residual {:?} for output [{m}, {n}]", res.shape());
-            }
             let gate = prep(gate)?;
-            let groups = match gate.dims() {
-                [g] if *g == n => 1,
-                [g, 1, gn] if *gn == n && *g > 0 && m % *g == 0 => *g,
-                _ => candle_core::bail!("linear: gate {:?} for output [{m}, {n}]", gate.shape()),
+            // The residual is the output's shape, flat `[M, N]` or grouped `[G, M/G, N]`; the
+            // gate is `[N]` or `[G, 1, N]` with the residual's G (as `gated_residual` requires).
+            let groups = match (res.dims(), gate.dims()) {
+                (&[rm, rn], &[gn]) if rm == m && rn == n && gn == n => 1,
+                (&[rg, rr, rn], &[gn]) if rg * rr == m && rn == n && gn == n => 1,
+                (&[rg, rr, rn], &[g, 1, gn]) if rg == g && rg * rr == m && rn == n && gn == n => g,
+                _ => candle_core::bail!(
+                    "linear gated residual: residual {:?} and gate {:?} for output [{m}, {n}] (expected [{m}, {n}] or [G, {m}/G, {n}] and [{n}] or [G, 1, {n}])",
+                    res.shape(),
+                    gate.shape()
+                ),
             };
             let per_group = m / groups;
             with_data(&res, |xs| {

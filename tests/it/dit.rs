@@ -386,7 +386,8 @@ fn dit_rope_offsets_cancel_in_attention() {
 fn dit_guided_forward_shares_the_first_self_attention_exactly() {
     // Classifier-free guidance runs the latent under two contexts; `forward_guided` computes
     // the first block's self-attention once for both. It must equal the plain forward pass
-    // on the latent and timestep repeated, context by context (same ops on the same numbers).
+    // on the latent and timestep repeated, context by context (same ops on the same numbers;
+    // 1e-6 allows a GEMM blocking the smaller batch differently).
     let io = load("dit_b_io.safetensors");
     let cfg: WanTransformerConfig =
         read_config(&fixture("wan-tiny-native/transformer_config.json")).unwrap();
@@ -435,10 +436,16 @@ fn dit_guided_forward_shares_the_first_self_attention_exactly() {
         spread > 1e-3,
         "contexts gave the same velocity (spread {spread})"
     );
-    // A context count that is not a multiple of the latents is refused.
+    // A context count that is not a multiple of the latents is refused, and so are timesteps
+    // given per context instead of per latent.
     let e = model
         .forward_guided(&x2, &t2, &ctx, (0, 0, 0))
         .map(|_| ())
         .unwrap_err();
     assert!(e.to_string().contains("contexts"), "{e}");
+    let e = model
+        .forward_guided(&x, &t2, &ctx2, (0, 0, 0))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.to_string().contains("one per latent"), "{e}");
 }

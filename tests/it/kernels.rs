@@ -230,73 +230,100 @@ fn kernel_channel_rms_norm_silu_matches_composed_ops() {
 }
 
 /// The fused Linear epilogues (GEMM, then bias + GELU, bias + RMS norm + RoPE, or bias + gated
-/// residual in one pass over each row) against the ops composed one by one, on shapes with
-/// row blocks and a batch of two token groups.
+/// residual in one pass over each row) against the ops composed one by one, with and without a
+/// bias. 602 rows of 128 outputs run as parallel tasks of 128 rows, so task boundaries fall
+/// inside the 301-token groups (the RoPE token and the gate group are taken per row).
 #[test]
 fn kernel_linear_epilogues_match_composed_ops() {
     use kernels::Epilogue;
-    let (b, n, k, h, hd) = (2, 37, 40, 3, 16);
+    let (b, n, k, h, hd) = (2, 301, 40, 4, 32);
     let out = h * hd;
     let x = randn(20, &[b * n, k]);
     let w = (randn(21, &[out, k]) * 0.3).unwrap();
     let wt = w.t().unwrap().contiguous().unwrap();
-    let bias = randn(22, &[out]);
-    let lin = x.matmul(&wt).unwrap().broadcast_add(&bias).unwrap();
-
-    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), Epilogue::Gelu).unwrap();
-    assert_close("linear + bias + gelu", &got, &lin.gelu().unwrap(), 2e-6);
-
     let gamma = randn(23, &[out]);
     let eps = 1e-6;
-    let ms = lin.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let normed = lin
-        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
-        .unwrap()
-        .broadcast_mul(&gamma)
-        .unwrap();
-    let norm_only = Epilogue::RmsRope {
-        gamma: &gamma,
-        eps,
-        rope: None,
-        heads: h,
-        tokens: n,
-    };
-    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), norm_only).unwrap();
-    assert_close("linear + bias + rms norm", &got, &normed, 2e-6);
-
     let ang = (randn(24, &[n, hd / 2]) * 3.0).unwrap();
     let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
-    let want = kernels::rope_bnhd(&normed.reshape((b, n, out)).unwrap(), &cos, &sin, h)
+    let res = randn(25, &[b, n, out]);
+    let gate = randn(26, &[b, 1, out]);
+    let bias_t = randn(22, &[out]);
+    for bias in [Some(&bias_t), None] {
+        let tag = if bias.is_some() {
+            "with bias"
+        } else {
+            "no bias"
+        };
+        let lin = x.matmul(&wt).unwrap();
+        let lin = match bias {
+            Some(bv) => lin.broadcast_add(bv).unwrap(),
+            None => lin,
+        };
+
+        let got = kernels::linear_epilogue(&x, &wt, bias, Epilogue::Gelu).unwrap();
+        assert_close(
+            &format!("linear + gelu, {tag}"),
+            &got,
+            &lin.gelu().unwrap(),
+            2e-6,
+        );
+
+        let ms = lin.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed = lin
+            .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&gamma)
+            .unwrap();
+        let norm_only = Epilogue::RmsRope {
+            gamma: &gamma,
+            eps,
+            rope: None,
+            heads: h,
+            tokens: n,
+        };
+        let got = kernels::linear_epilogue(&x, &wt, bias, norm_only).unwrap();
+        assert_close(&format!("linear + rms norm, {tag}"), &got, &normed, 2e-6);
+
+        let want = kernels::rope_bnhd(&normed.reshape((b, n, out)).unwrap(), &cos, &sin, h)
+            .unwrap()
+            .reshape((b * n, out))
+            .unwrap();
+        let with_rope = Epilogue::RmsRope {
+            gamma: &gamma,
+            eps,
+            rope: Some((&cos, &sin)),
+            heads: h,
+            tokens: n,
+        };
+        let got = kernels::linear_epilogue(&x, &wt, bias, with_rope).unwrap();
+        assert_close(
+            &format!("linear + rms norm + rope, {tag}"),
+            &got,
+            &want,
+            2e-6,
+        );
+
+        let want = (&res
+            + lin
+                .reshape((b, n, out))
+                .unwrap()
+                .broadcast_mul(&gate)
+                .unwrap())
         .unwrap()
         .reshape((b * n, out))
         .unwrap();
-    let with_rope = Epilogue::RmsRope {
-        gamma: &gamma,
-        eps,
-        rope: Some((&cos, &sin)),
-        heads: h,
-        tokens: n,
-    };
-    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), with_rope).unwrap();
-    assert_close("linear + bias + rms norm + rope", &got, &want, 2e-6);
-
-    let res = randn(25, &[b, n, out]);
-    let gate = randn(26, &[b, 1, out]);
-    let want = (&res
-        + lin
-            .reshape((b, n, out))
-            .unwrap()
-            .broadcast_mul(&gate)
-            .unwrap())
-    .unwrap()
-    .reshape((b * n, out))
-    .unwrap();
-    let gated = Epilogue::Gated {
-        x: &res,
-        gate: &gate,
-    };
-    let got = kernels::linear_epilogue(&x, &wt, Some(&bias), gated).unwrap();
-    assert_close("linear + bias + gated residual", &got, &want, 2e-6);
+        let gated = Epilogue::Gated {
+            x: &res,
+            gate: &gate,
+        };
+        let got = kernels::linear_epilogue(&x, &wt, bias, gated).unwrap();
+        assert_close(
+            &format!("linear + gated residual, {tag}"),
+            &got,
+            &want,
+            2e-6,
+        );
+    }
 
     // Tables for the wrong token count are refused, naming the shapes.
     let bad = Epilogue::RmsRope {
@@ -306,6 +333,20 @@ fn kernel_linear_epilogues_match_composed_ops() {
         heads: h,
         tokens: n + 1,
     };
-    let e = kernels::linear_epilogue(&x, &wt, Some(&bias), bad).unwrap_err();
+    let e = kernels::linear_epilogue(&x, &wt, None, bad).unwrap_err();
     assert!(e.to_string().contains("RoPE tables"), "{e}");
+    // A gate whose groups are not the residual's (one per item of a batch that was fanned out
+    // to two contexts) is refused, not applied to the wrong rows.
+    let gate1 = gate.narrow(0, 0, 1).unwrap();
+    let e = kernels::linear_epilogue(
+        &x,
+        &wt,
+        None,
+        Epilogue::Gated {
+            x: &res,
+            gate: &gate1,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("gate [1, 1, 128]"), "{e}");
 }

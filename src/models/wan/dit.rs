@@ -76,7 +76,8 @@ impl WanAttention {
 
     /// `x`: `[B, N, D]`; `context`: `[B, L, D]` for cross-attention (None: self-attention),
     /// with `key_bias` `[B, L]` f32 added to the scores of its keys (see [`merge_repeated_keys`]);
-    /// `rope`: `(cos, sin)` `[N, head_dim/2]` for self-attention.
+    /// `rope`: `(cos, sin)` `[N, head_dim/2]` for self-attention; `out`: what is added to the
+    /// output projection (see [`Out`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -424,8 +425,9 @@ impl WanTransformer3DModel {
     ///
     /// The text enters a block only at its cross-attention, so every pass shares the first
     /// block's self-attention half (same latent, same timestep): it runs once, on `B` items,
-    /// and only then does the batch fan out. Exact, not an approximation: the same ops on the
-    /// same numbers. At 4 layers that is an eighth of the self-attention work.
+    /// and only then does the batch fan out. Not an approximation: the same ops on the same
+    /// numbers (equal up to float rounding where a GEMM blocks a smaller batch differently).
+    /// At 4 layers that is an eighth of the self-attention work.
     pub fn forward_guided(
         &self,
         x: &Tensor,
@@ -435,9 +437,18 @@ impl WanTransformer3DModel {
     ) -> Result<Tensor> {
         let b = x.dim(0)?;
         let gb = ctx.dim(0)?;
-        if b == 0 || gb % b != 0 {
+        if b == 0 {
+            candle_core::bail!("forward_guided: no latents (batch of 0)");
+        }
+        if gb == 0 || gb % b != 0 {
             candle_core::bail!(
-                "forward_guided: {gb} contexts for {b} latents (expected a multiple)"
+                "forward_guided: {gb} contexts for {b} latents (expected a multiple of {b})"
+            );
+        }
+        if t.dims() != [b] {
+            candle_core::bail!(
+                "forward_guided: timesteps {:?} for {b} latents (expected [{b}]: one per latent, not per context)",
+                t.shape()
             );
         }
         let g = gb / b;
