@@ -173,5 +173,6 @@ def main():
           f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "
           f"sora reaches {100 * flops / sora_step / 1e9 / peak:.0f}% of it")
 
+
 if __name__ == "__main__":
     main()
