@@ -3,16 +3,17 @@
 # when it is done): trains the VAE, encodes the synthetic dataset, fine-tunes the decoder,
 # trains the DiT and exports a model directory in the `--model DIR` layout.
 #
-# It replays the shipped DiT's three segments (each resumes the previous checkpoint with the
+# It replays the shipped DiT's five segments (each resumes the previous checkpoint with the
 # cosine schedule recomputed for the new total):
 #   1. 5,000 steps, plain flow-matching MSE (the recipe's first `train all`);
 #   2. resumed to 7,000 steps, plain MSE;
 #   3. resumed to 11,000 steps with object tokens weighted 5x (--dit-object-weight 4);
-#   4. resumed to 14,000 steps, same weighting.
+#   4. resumed to 14,000 steps, same weighting;
+#   5. resumed to 20,000 steps with object tokens weighted 11x (--dit-object-weight 10).
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
 # loss (see weights/README.md), and the vectorised kernels gained fused multiply-adds (float
 # rounding) after the shipped DiT's first three segments were trained.
-# About 4 h on 2 cores (VAE stages ~40 min, encode 4 min, DiT 0.7-0.95 s/step).
+# About 5.5 h on 2 cores (VAE stages ~40 min, encode 4 min, DiT 0.7-1.0 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ fi
 segment 7000 0
 segment 11000 4
 segment 14000 4
-"$sora" train all --out "$out" --dit-steps 14000 --dit-object-weight 4
+segment 20000 10
+"$sora" train all --out "$out" --dit-steps 20000 --dit-object-weight 10
 echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
     "$out/work-* $out/latents.safetensors $out/captions.json" >&2
