@@ -225,6 +225,19 @@ impl Linear {
         .map(Some)
     }
 
+    /// The gated residual `r + forward(x)·gate` in f32 (`r` shaped like the output, `gate`
+    /// `[B, 1, out]` f32), returned in the output's dtype: on CPU at inference as one GEMM with
+    /// the residual applied in its row pass, else composed with [`gated_residual`].
+    pub fn forward_gated(&self, x: &Tensor, r: &Tensor, gate: &Tensor) -> Result<Tensor> {
+        let gated = super::kernels::Epilogue::Gated { x: r, gate };
+        if let Some(y) = self.forward_epilogue(x, gated)? {
+            return Ok(y);
+        }
+        let a = self.forward(x)?;
+        gated_residual(&r.to_dtype(DType::F32)?, &a.to_dtype(DType::F32)?, gate)?
+            .to_dtype(a.dtype())
+    }
+
     /// `x` flattened to 2-D and back around `op`, which maps `[M, K]` to `[M, out]`.
     fn rows2d(
         &self,

@@ -292,25 +292,11 @@ multiversion! {
 }
 
 multiversion! {
-    /// `y ← y + b` in place; returns `Σ y²` of the result (16 lanes, so it vectorises).
-    fn bias_sq_row(y: &mut [f32], b: Option<&[f32]>) -> f32 {
-        if let Some(b) = b {
-            for (v, &bv) in y.iter_mut().zip(b) {
-                *v += bv;
-            }
+    /// `y ← y + b` in place.
+    fn add_bias_row(y: &mut [f32], b: &[f32]) {
+        for (v, &bv) in y.iter_mut().zip(b) {
+            *v += bv;
         }
-        let mut acc = [0f32; 16];
-        let mut chunks = y.chunks_exact(16);
-        for c in &mut chunks {
-            for i in 0..16 {
-                acc[i] += c[i] * c[i];
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for &v in chunks.remainder() {
-            s += v * v;
-        }
-        s
     }
 }
 
@@ -322,14 +308,7 @@ multiversion! {
             *v = (*v / std) * gv;
         }
         if let Some((c, s)) = rope {
-            let hd = 2 * c.len();
-            for head in y.chunks_exact_mut(hd) {
-                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * c[i] - x1 * s[i];
-                    pair[1] = x0 * s[i] + x1 * c[i];
-                }
-            }
+            rope_heads(y, c, s);
         }
     }
 }
@@ -348,6 +327,19 @@ multiversion! {
                     *v = xv + *v * gv;
                 }
             }
+        }
+    }
+}
+
+/// Interleaved RoPE in place on each head of `y` (heads of `2·c.len()` values):
+/// `(y₀, y₁) ← (y₀c − y₁s, y₀s + y₁c)` for every pair, `c`/`s` the token's tables.
+#[inline(always)]
+fn rope_heads(y: &mut [f32], c: &[f32], s: &[f32]) {
+    for head in y.chunks_exact_mut(2 * c.len()) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0 * c[i] - x1 * s[i];
+            pair[1] = x0 * s[i] + x1 * c[i];
         }
     }
 }
@@ -573,19 +565,12 @@ pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
                     .enumerate()
                     .for_each(|(row, (o, xr))| {
                         let t = row % n;
-                        let (c, s) = (
+                        o.copy_from_slice(xr);
+                        rope_heads(
+                            o,
                             &cs[t * hd / 2..(t + 1) * hd / 2],
                             &ss[t * hd / 2..(t + 1) * hd / 2],
                         );
-                        for h in 0..heads {
-                            let (oh, xh) =
-                                (&mut o[h * hd..(h + 1) * hd], &xr[h * hd..(h + 1) * hd]);
-                            for i in 0..hd / 2 {
-                                let (x0, x1) = (xh[2 * i], xh[2 * i + 1]);
-                                oh[2 * i] = x0 * c[i] - x1 * s[i];
-                                oh[2 * i + 1] = x0 * s[i] + x1 * c[i];
-                            }
-                        }
                     });
                 Ok(())
             })
@@ -1070,21 +1055,8 @@ pub fn linear(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (x, wt) = (prep(x)?, prep(wt)?);
-    let (m, k) = x.dims2()?;
-    let (k2, n) = wt.dims2()?;
-    if k2 != k {
-        candle_core::bail!("linear: input {:?} but weight {:?}", x.shape(), wt.shape());
-    }
-    let bias = bias
-        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    if bias.as_ref().is_some_and(|b| b.len() != n) {
-        candle_core::bail!(
-            "linear: bias of {} for {n} outputs",
-            bias.map_or(0, |b| b.len())
-        );
-    }
+    let ops = LinearOperands::new(x, wt, bias, "linear")?;
+    let (m, n, bias) = (ops.m, ops.n, &ops.bias);
     let residual = residual.map(prep).transpose()?;
     if let Some(r) = &residual {
         if r.dims() != [m, n] {
@@ -1095,7 +1067,7 @@ pub fn linear(
     let prefilled = bias.is_some() || residual.is_some();
     let fill = |rows: &mut [f32], r0: usize, res: Option<&[f32]>| {
         for (i, row) in rows.chunks_mut(n).enumerate() {
-            match (res, &bias) {
+            match (res, bias) {
                 (Some(rs), Some(b)) => {
                     for ((o, &r), &bv) in row.iter_mut().zip(&rs[(r0 + i) * n..]).zip(b) {
                         *o = r + bv;
@@ -1121,36 +1093,85 @@ pub fn linear(
             .for_each(|(ti, rows)| fill(rows, ti * rpt, None)),
         None => {}
     }
-    with_data(&x, |xs| {
-        with_data(&wt, |ws| {
-            // SAFETY: dst is m×n row-major, lhs m×k row-major, rhs k×n row-major, all in bounds.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    prefilled,
-                    xs.as_ptr(),
-                    1,
-                    k as isize,
-                    ws.as_ptr(),
-                    1,
-                    n as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
-            Ok(())
+    ops.gemm_into(&mut out, prefilled)?;
+    Tensor::from_vec(out, (m, n), ops.x.device())
+}
+
+/// The checked operands of a Linear: `x` `[M, K]` and `wt` = `Wᵀ` `[K, N]` as contiguous f32,
+/// and the bias `[N]` read out.
+struct LinearOperands {
+    x: Tensor,
+    wt: Tensor,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl LinearOperands {
+    /// Checks the shapes; errors start with `what`.
+    fn new(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>, what: &str) -> Result<Self> {
+        let (x, wt) = (prep(x)?, prep(wt)?);
+        let (m, k) = x.dims2()?;
+        let (k2, n) = wt.dims2()?;
+        if k2 != k {
+            candle_core::bail!("{what}: input {:?} but weight {:?}", x.shape(), wt.shape());
+        }
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "{what}: bias of {} for {n} outputs",
+                bias.map_or(0, |b| b.len())
+            );
+        }
+        Ok(Self {
+            x,
+            wt,
+            m,
+            k,
+            n,
+            bias,
         })
-    })?;
-    Tensor::from_vec(out, (m, n), x.device())
+    }
+
+    /// `out = x·Wᵀ` (`accumulate`: `out += x·Wᵀ`) for `out` `[M, N]` row-major, one GEMM on
+    /// the rayon pool.
+    fn gemm_into(&self, out: &mut [f32], accumulate: bool) -> Result<()> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        assert_eq!(out.len(), m * n, "GEMM output buffer");
+        with_data(&self.x, |xs| {
+            with_data(&self.wt, |ws| {
+                // SAFETY: dst is m×n row-major (read only when accumulating), lhs m×k and
+                // rhs k×n row-major, all in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        accumulate,
+                        xs.as_ptr(),
+                        1,
+                        k as isize,
+                        ws.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+                Ok(())
+            })
+        })
+    }
 }
 
 /// What [`linear_epilogue`] does to each output row `y = x·Wᵀ` (bias not yet added) right
@@ -1182,59 +1203,14 @@ pub fn linear_epilogue(
     bias: Option<&Tensor>,
     epilogue: Epilogue,
 ) -> Result<Tensor> {
-    let (x, wt) = (prep(x)?, prep(wt)?);
-    let (m, k) = x.dims2()?;
-    let (k2, n) = wt.dims2()?;
-    if k2 != k {
-        candle_core::bail!(
-            "linear epilogue: input {:?} but weight {:?}",
-            x.shape(),
-            wt.shape()
-        );
-    }
-    let bias = bias
-        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    if bias.as_ref().is_some_and(|b| b.len() != n) {
-        candle_core::bail!(
-            "linear epilogue: bias of {} for {n} outputs",
-            bias.map_or(0, |b| b.len())
-        );
-    }
+    let ops = LinearOperands::new(x, wt, bias, "linear epilogue")?;
+    let (m, n) = (ops.m, ops.n);
     if m == 0 || n == 0 {
-        return Tensor::zeros((m, n), DType::F32, x.device());
+        return Tensor::zeros((m, n), DType::F32, ops.x.device());
     }
     let mut out = output_buffer(m * n);
-    with_data(&x, |xs| {
-        with_data(&wt, |ws| {
-            // SAFETY: dst is m×n row-major (written, not read), lhs m×k, rhs k×n row-major.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    xs.as_ptr(),
-                    1,
-                    k as isize,
-                    ws.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
-            Ok(())
-        })
-    })?;
-    let b = bias.as_deref();
+    ops.gemm_into(&mut out, false)?;
+    let b = ops.bias.as_deref();
     let rpt = rows_per_task(n);
     match epilogue {
         Epilogue::Gelu => out
@@ -1282,7 +1258,11 @@ pub fn linear_epilogue(
                 .enumerate()
                 .for_each(|(ti, rows)| {
                     for (ri, y) in rows.chunks_mut(n).enumerate() {
-                        let var = bias_sq_row(y, b) / n as f32;
+                        if let Some(b) = b {
+                            add_bias_row(y, b);
+                        }
+                        // As `norm_affine`'s RMS rows: the squares' sum of the deviations from 0.
+                        let var = row_sq_dev(y, 0.0) / n as f32;
                         let std = (var + eps as f32).sqrt();
                         let rope = tables.as_ref().map(|(c, s, half)| {
                             let t = (ti * rpt + ri) % tokens;
@@ -1329,7 +1309,7 @@ pub fn linear_epilogue(
             })?;
         }
     }
-    Tensor::from_vec(out, (m, n), x.device())
+    Tensor::from_vec(out, (m, n), ops.x.device())
 }
 
 #[cfg(test)]

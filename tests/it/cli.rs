@@ -45,10 +45,24 @@ fn files_in(d: &Path) -> Vec<String> {
 
 /// ffprobe's view of the first video stream and the container.
 fn probe(p: &Path) -> serde_json::Value {
+    let out = ffprobe(
+        p,
+        &[
+            "-count_frames",
+            "-show_entries",
+            "stream=codec_name,pix_fmt,width,height,nb_read_frames,r_frame_rate,duration:format=duration,format_name:format_tags",
+            "-of",
+            "json",
+        ],
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// `ffprobe -v error ARGS p`'s standard output; fails the test if ffprobe rejects the file.
+fn ffprobe(p: &Path, args: &[&str]) -> Vec<u8> {
     let o = Command::new("ffprobe")
-        .args(["-v", "error", "-count_frames", "-show_entries"])
-        .arg("stream=codec_name,pix_fmt,width,height,nb_read_frames,r_frame_rate,duration:format=duration,format_name:format_tags")
-        .args(["-of", "json"])
+        .args(["-v", "error"])
+        .args(args)
         .arg(p)
         .output()
         .expect("ffprobe is installed (apt-get install ffmpeg)");
@@ -58,7 +72,7 @@ fn probe(p: &Path) -> serde_json::Value {
         p.display(),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).unwrap()
+    o.stdout
 }
 
 #[test]
@@ -593,21 +607,20 @@ fn cli_bundled_model_is_the_default_and_deterministic() {
 
 /// MD5 of every packet of the file's video stream, in order (ffprobe).
 fn packet_hashes(p: &Path) -> Vec<String> {
-    let o = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
+    let out = ffprobe(
+        p,
+        &[
             "-show_data_hash",
             "MD5",
             "-select_streams",
             "v:0",
-        ])
-        .args(["-show_entries", "packet=data_hash", "-of", "csv=p=0"])
-        .arg(p)
-        .output()
-        .expect("ffprobe is installed (apt-get install ffmpeg)");
-    assert!(o.status.success(), "ffprobe rejected {}", p.display());
-    String::from_utf8_lossy(&o.stdout)
+            "-show_entries",
+            "packet=data_hash",
+            "-of",
+            "csv=p=0",
+        ],
+    );
+    String::from_utf8_lossy(&out)
         .lines()
         .map(str::to_string)
         .collect()

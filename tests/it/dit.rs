@@ -5,14 +5,14 @@
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use sora::models::wan::dit::{load_transformer, merge_repeated_keys};
+use sora::models::wan::dit::{load_transformer, merge_repeated_keys, WanTransformer3DModel};
 use sora::models::wan::keys::{diffusers_to_native, native_to_diffusers, COMFY_PREFIX};
 use sora::models::wan::rope::WanRope;
 use sora::models::wan::WanTransformerConfig;
 use sora::nn::attention::{attention, blockwise};
 use sora::weights::{read_config, TensorStore};
 
-use crate::common::{assert_close, fixture, get, load};
+use crate::common::{assert_close, fixture, get, load, max_abs_diff};
 
 const TOL: f32 = 1e-5;
 
@@ -87,18 +87,25 @@ fn dit_padded_text_merges_repeated_keys_and_matches_reference() {
     assert_close("dit A padded-text velocity", &v, &get(&io, "velocity"), TOL);
 }
 
-#[test]
-fn dit_b_native_comfy_layout_matches_reference() {
-    let io = load("dit_b_io.safetensors");
+/// The tiny random Wan transformer of fixtures/wan-tiny-native (native/Comfy layout, its
+/// config given), f32 on the CPU: the model of `dit_b_io.safetensors`.
+fn tiny_native_dit() -> WanTransformer3DModel {
     let cfg: WanTransformerConfig =
         read_config(&fixture("wan-tiny-native/transformer_config.json")).unwrap();
-    let (model, _) = load_transformer(
+    load_transformer(
         &fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors"),
         Some(cfg),
         DType::F32,
         &Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+    .0
+}
+
+#[test]
+fn dit_b_native_comfy_layout_matches_reference() {
+    let io = load("dit_b_io.safetensors");
+    let model = tiny_native_dit();
     let v = model
         .forward(
             &get(&io, "latents"),
@@ -366,15 +373,7 @@ fn dit_rope_offsets_cancel_in_attention() {
     // RoPE attention depends only on position differences: a window given its absolute
     // offset computes what it computes at offset 0 (why windows may all start at 0).
     let io = load("dit_b_io.safetensors");
-    let cfg: WanTransformerConfig =
-        read_config(&fixture("wan-tiny-native/transformer_config.json")).unwrap();
-    let (model, _) = load_transformer(
-        &fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors"),
-        Some(cfg),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = tiny_native_dit();
     let ctx = model.embed_text(&get(&io, "context")).unwrap();
     let (x, t) = (get(&io, "latents"), get(&io, "timestep"));
     let a = model.forward_embedded(&x, &t, &ctx, (0, 0, 0)).unwrap();
@@ -389,15 +388,7 @@ fn dit_guided_forward_shares_the_first_self_attention_exactly() {
     // on the latent and timestep repeated, context by context (same ops on the same numbers;
     // 1e-6 allows a GEMM blocking the smaller batch differently).
     let io = load("dit_b_io.safetensors");
-    let cfg: WanTransformerConfig =
-        read_config(&fixture("wan-tiny-native/transformer_config.json")).unwrap();
-    let (model, _) = load_transformer(
-        &fixture("wan-tiny-native/wan2.1_t2v_tiny.safetensors"),
-        Some(cfg),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = tiny_native_dit();
     let ctx = model.embed_text(&get(&io, "context")).unwrap();
     let (x, t) = (get(&io, "latents"), get(&io, "timestep"));
     let b = x.dim(0).unwrap();
@@ -410,28 +401,13 @@ fn dit_guided_forward_shares_the_first_self_attention_exactly() {
     let t2 = Tensor::cat(&[&t, &t], 0).unwrap();
     let want = model.forward_embedded(&x2, &t2, &ctx2, (0, 0, 0)).unwrap();
     assert_eq!(got.dims(), want.dims());
-    let diff = got
-        .sub(&want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&got, &want);
     assert!(
         diff <= 1e-6,
         "guided vs repeated forward: max abs diff {diff}"
     );
     // The two contexts really give different velocities (the check above is not vacuous).
-    let split = (got.narrow(0, 0, b).unwrap() - got.narrow(0, b, b).unwrap()).unwrap();
-    let spread = split
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let spread = max_abs_diff(&got.narrow(0, 0, b).unwrap(), &got.narrow(0, b, b).unwrap());
     assert!(
         spread > 1e-3,
         "contexts gave the same velocity (spread {spread})"

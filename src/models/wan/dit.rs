@@ -16,7 +16,7 @@ use super::config::WanTransformerConfig;
 use super::keys::{self, Layout};
 use super::rope::{apply_rope, WanRope};
 use crate::nn::attention;
-use crate::nn::fused::{gated_residual, gelu_tanh, linear, Linear};
+use crate::nn::fused::{gelu_tanh, linear, Linear};
 use crate::nn::kernels::{self, Epilogue};
 use crate::nn::norm::{layer_norm, layer_norm_modulate, rms_norm};
 use crate::weights::TensorStore;
@@ -114,15 +114,7 @@ impl WanAttention {
                 let o = kernels::attention_bnhd(&q, &k, &v, self.heads, scale, key_bias)?;
                 return match out {
                     Out::Residual(r) => self.to_out.forward_add(&o, r),
-                    Out::Gated(r, gate) => {
-                        match self
-                            .to_out
-                            .forward_epilogue(&o, Epilogue::Gated { x: r, gate })?
-                        {
-                            Some(y) => Ok(y),
-                            None => gated_residual(r, &self.to_out.forward(&o)?, gate),
-                        }
-                    }
+                    Out::Gated(r, gate) => self.to_out.forward_gated(&o, r, gate),
                 };
             }
         }
@@ -159,11 +151,7 @@ impl WanAttention {
         };
         match out {
             Out::Residual(r) => self.to_out.forward_add(&o, r),
-            Out::Gated(r, gate) => {
-                let a = self.to_out.forward(&o)?;
-                gated_residual(&r.to_dtype(DType::F32)?, &a.to_dtype(DType::F32)?, gate)?
-                    .to_dtype(a.dtype())
-            }
+            Out::Gated(r, gate) => self.to_out.forward_gated(&o, r, gate),
         }
     }
 }
@@ -270,21 +258,13 @@ impl WanBlock {
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
         // CPU inference: bias + GELU and bias + gated residual in the GEMMs' row passes.
-        if let Some(f) = self.ffn_in.forward_epilogue(&h, Epilogue::Gelu)? {
-            let gated = Epilogue::Gated {
-                x: &xf,
-                gate: &c_gate,
-            };
-            if let Some(y) = self.ffn_out.forward_epilogue(&f, gated)? {
-                return y.to_dtype(dtype);
-            }
-            let f = self.ffn_out.forward(&f)?;
-            return gated_residual(&xf, &f.to_dtype(DType::F32)?, &c_gate)?.to_dtype(dtype);
-        }
-        let f = self
-            .ffn_out
-            .forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
-        gated_residual(&xf, &f.to_dtype(DType::F32)?, &c_gate)?.to_dtype(dtype)
+        let f = match self.ffn_in.forward_epilogue(&h, Epilogue::Gelu)? {
+            Some(f) => f,
+            None => gelu_tanh(&self.ffn_in.forward(&h)?)?,
+        };
+        self.ffn_out
+            .forward_gated(&f, &xf, &c_gate)?
+            .to_dtype(dtype)
     }
 }
 
@@ -452,23 +432,27 @@ impl WanTransformer3DModel {
             );
         }
         let g = gb / b;
-        let Some((first, rest)) = self.blocks.split_first() else {
-            let x = Tensor::cat(&vec![x; g], 0)?;
-            let t = Tensor::cat(&vec![t; g], 0)?;
-            return self.forward_embedded(&x, &t, ctx, offset);
+        // Each item repeated for every context (nothing to copy with one context).
+        let fan = |t: &Tensor| {
+            if g == 1 {
+                Ok(t.clone())
+            } else {
+                Tensor::cat(&vec![t; g], 0)
+            }
         };
-        let fan = |t: &Tensor| Tensor::cat(&vec![t; g], 0);
-        let dtype = self.patch.weight().dtype();
-        let grid = self.token_grid(x.dims());
-        let rope = self.rope.tables(grid, offset, x.device())?;
-        let tokens = self.patchify(&x.to_dtype(dtype)?)?;
-        let h = self.patch.forward(&tokens)?;
-        let (temb, temb6) = self.embed_time(t)?;
-        let (ctx, key_bias) = if crate::nn::differentiable() {
-            (ctx.clone(), None)
-        } else {
-            merge_repeated_keys(ctx)?
+        let first_and_rest = self.blocks.split_first().filter(|_| g > 1);
+        let Some((first, rest)) = first_and_rest else {
+            return self.forward_embedded(&fan(x)?, &fan(t)?, ctx, offset);
         };
+        let Inputs {
+            h,
+            temb,
+            temb6,
+            ctx,
+            key_bias,
+            rope,
+            grid,
+        } = self.inputs(x, t, ctx, offset)?;
         let e = first.scale_shift_table.broadcast_add(&temb6)?;
         let h = first.self_attention(&h, &e, &rope)?;
         let mut h = first.cross_and_ffn(&fan(&h)?, &ctx, key_bias.as_ref(), &fan(&e)?)?;
@@ -498,22 +482,65 @@ impl WanTransformer3DModel {
         ctx: &Tensor,
         offset: (usize, usize, usize),
     ) -> Result<Tensor> {
+        let Inputs {
+            mut h,
+            temb,
+            temb6,
+            ctx,
+            key_bias,
+            rope,
+            grid,
+        } = self.inputs(x, t, ctx, offset)?;
+        for block in &self.blocks {
+            h = block.forward(&h, &ctx, key_bias.as_ref(), &temb6, &rope)?;
+        }
+        self.head(&h, &temb, grid)
+    }
+
+    /// What the blocks take: patch tokens embedded, time embeddings, the context with its
+    /// repeated padding keys merged (not while training), RoPE tables from `offset`.
+    fn inputs(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        offset: (usize, usize, usize),
+    ) -> Result<Inputs> {
         let dtype = self.patch.weight().dtype();
         let grid = self.token_grid(x.dims());
         let rope = self.rope.tables(grid, offset, x.device())?;
         let tokens = self.patchify(&x.to_dtype(dtype)?)?;
-        let mut h = self.patch.forward(&tokens)?;
+        let h = self.patch.forward(&tokens)?;
         let (temb, temb6) = self.embed_time(t)?;
         let (ctx, key_bias) = if crate::nn::differentiable() {
             (ctx.clone(), None)
         } else {
             merge_repeated_keys(ctx)?
         };
-        for block in &self.blocks {
-            h = block.forward(&h, &ctx, key_bias.as_ref(), &temb6, &rope)?;
-        }
-        self.head(&h, &temb, grid)
+        Ok(Inputs {
+            h,
+            temb,
+            temb6,
+            ctx,
+            key_bias,
+            rope,
+            grid,
+        })
     }
+}
+
+/// See [`WanTransformer3DModel::inputs`].
+struct Inputs {
+    /// Patch tokens `[B, N, D]`.
+    h: Tensor,
+    /// `[B, D]` and `[B, 6, D]` f32.
+    temb: Tensor,
+    temb6: Tensor,
+    /// `[B, L', D]` and its `[B, L']` key bias (see [`merge_repeated_keys`]).
+    ctx: Tensor,
+    key_bias: Option<Tensor>,
+    rope: (Tensor, Tensor),
+    grid: (usize, usize, usize),
 }
 
 /// Merges the identical trailing rows of an embedded text context `[B, L, D]` into fewer keys.
