@@ -779,6 +779,24 @@ impl SendPtr {
     }
 }
 
+/// Output rows per band for [`conv3d_shifted_gemm`]: up to ~2,048 columns, a band's output
+/// block plus its input rows within ~512 KiB (measured on the side-by-side VAE at 256×256:
+/// budgets of 0.4 / 0.5 / 0.75 / 1 / 2 MiB gave 4.5 / 4.4–4.6 / 4.7 / 4.9–5.0 / 5.5 s of
+/// conv time in one decode; the 32-channel 256×256 layers run at 225 GFLOP/s with 3-row bands
+/// and 175 with 7), and at least four tasks per thread over the whole call so both cores
+/// stay busy.
+fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize {
+    let per_row = (o + ktc) * wp * 4;
+    let by_cache = ((512 << 10) / per_row.max(1)).max(1);
+    let by_cols = 2048usize.div_ceil(wp);
+    let mut rows = by_cols.min(by_cache).clamp(1, ho);
+    let tasks = 4 * rayon::current_num_threads();
+    while rows > 1 && frames * ho.div_ceil(rows) < tasks {
+        rows = rows.div_ceil(2);
+    }
+    rows
+}
+
 /// Rearranges a PyTorch Conv3d weight `[O, C, kt, kh, kw]` for [`conv3d_shifted_gemm`]:
 /// `[kh, kw, O, kt·C]`, so each spatial tap is one contiguous `[O, kt·C]` matrix.
 pub fn conv3d_gemm_weight(w: &Tensor) -> Result<Tensor> {
@@ -897,15 +915,27 @@ pub fn conv3d_shifted_gemm(
             bias.map(|b| b.shape().clone())
         );
     }
-    let n = ho * wp;
     let mut out = output_buffer(b * o * t_out * ho * wo);
-    // The first tap's GEMM overwrites all of it (read_dst = false).
-    let mut dst = output_buffer(o * n);
+    // Work is cut into bands of output rows of one output frame. A band accumulates all
+    // kh·kw taps into its own [O, rows·Wp] block while that block and the input rows it
+    // reads stay in cache (a whole frame's block per tap streamed through memory nine times,
+    // and the large-plane, few-channel layers of a VAE decoder ran at under half the GEMM
+    // rate), then crops, adds the bias and writes its rows. Bands run in parallel, each with
+    // a single-threaded GEMM.
+    let rows = band_rows(o, ktc, ho, wp, b * t_out);
+    let bands = ho.div_ceil(rows);
     let w = prep(w)?;
+    let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&w, |ws| {
-        for bi in 0..b {
-            for j in 0..t_out {
-                let frame0 = (bi * t + j * st) * c * plane;
+        (0..b * t_out * bands).into_par_iter().for_each_init(
+            || output_buffer(o * rows * wp),
+            |dst, task| {
+                let (frame, band) = (task / bands, task % bands);
+                let (bi, j) = (frame / t_out, frame % t_out);
+                let y0 = band * rows;
+                let nr = rows.min(ho - y0);
+                let n = nr * wp;
+                let frame0 = (bi * t + j * st) * c * plane + y0 * wp;
                 for ty in 0..kh {
                     for tx in 0..kw {
                         let lhs = ws[(ty * kw + tx) * o * ktc..].as_ptr();
@@ -913,7 +943,8 @@ pub fn conv3d_shifted_gemm(
                         let first = ty == 0 && tx == 0;
                         // dst[O, n] (+)= W_tap[O, kt·C] · X_tap[kt·C, n]
                         // SAFETY: lhs spans o·ktc elements of the weight; rhs rows are kt·C
-                        // planes from frame0 (inside xp, plus the slack), n columns each.
+                        // planes from the band's first row (inside xp, plus the slack), n
+                        // columns each; dst holds o·rows·wp ≥ o·n elements.
                         unsafe {
                             gemm::gemm(
                                 o,
@@ -934,31 +965,29 @@ pub fn conv3d_shifted_gemm(
                                 false,
                                 false,
                                 false,
-                                gemm::Parallelism::Rayon(0),
+                                gemm::Parallelism::None,
                             );
                         }
                     }
                 }
-                // Crop the extra columns, add the bias, write [B, O, T', H', W'].
-                out.par_chunks_mut(t_out * ho * wo)
-                    .skip(bi * o)
-                    .take(o)
-                    .enumerate()
-                    .for_each(|(oi, ob)| {
-                        let bv = bias_v.as_ref().map_or(0.0, |v| v[oi]);
-                        let of = &mut ob[j * ho * wo..(j + 1) * ho * wo];
-                        let df = &dst[oi * n..(oi + 1) * n];
-                        for y in 0..ho {
-                            for (dv, sv) in of[y * wo..(y + 1) * wo]
-                                .iter_mut()
-                                .zip(&df[y * wp..y * wp + wo])
-                            {
-                                *dv = sv + bv;
-                            }
+                // Crop the extra columns, add the bias, write rows y0.. of [B, O, T', H', W'].
+                for oi in 0..o {
+                    let bv = bias_v.as_ref().map_or(0.0, |v| v[oi]);
+                    let base = ((bi * o + oi) * t_out + j) * ho * wo + y0 * wo;
+                    for y in 0..nr {
+                        let src = &dst[oi * n + y * wp..oi * n + y * wp + wo];
+                        // SAFETY: each (b, o, frame, row) of `out` is written by exactly one
+                        // task (its band), and `out` outlives the parallel loop.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(out_ptr.get().add(base + y * wo), wo)
+                        };
+                        for (dv, sv) in row.iter_mut().zip(src) {
+                            *dv = sv + bv;
                         }
-                    });
-            }
-        }
+                    }
+                }
+            },
+        );
         Ok(())
     })?;
     Tensor::from_vec(out, (b, o, t_out, ho, wo), first.device())

@@ -350,3 +350,34 @@ fn kernel_linear_epilogues_match_composed_ops() {
     .unwrap_err();
     assert!(e.to_string().contains("gate [1, 1, 128]"), "{e}");
 }
+
+/// The shifted-GEMM causal conv3d (row bands of one output frame in parallel, all taps
+/// accumulated per band) against candle's composed conv path (the training path), with
+/// ragged last bands: 2 × 1 output frames of 37 rows run as bands of 10, 10, 10 and 7 rows.
+#[test]
+fn kernel_conv3d_bands_match_composed_conv() {
+    use sora::nn::conv3d::CausalConv3d;
+    let w = (randn(21, &[7, 5, 3, 3, 3]) * 0.2).unwrap();
+    let b = randn(22, &[7]);
+    let build = |differentiable: bool| {
+        sora::nn::set_differentiable(differentiable);
+        let c = CausalConv3d::from_weights(&w, Some(b.clone()), (1, 1, 1), (1, 1, 1)).unwrap();
+        sora::nn::set_differentiable(false);
+        c
+    };
+    let (fast, composed) = (build(false), build(true));
+    for (x, cache) in [
+        (randn(23, &[2, 5, 1, 37, 29]), None),
+        (
+            randn(24, &[1, 5, 3, 37, 29]),
+            Some(randn(25, &[1, 5, 2, 37, 29])),
+        ),
+    ] {
+        let got = fast.forward(&x, cache.as_ref()).unwrap();
+        sora::nn::set_differentiable(true);
+        let want = composed.forward(&x, cache.as_ref()).unwrap();
+        sora::nn::set_differentiable(false);
+        assert_eq!(got.dims(), want.dims());
+        assert_close("conv3d bands vs composed conv", &got, &want, 2e-5);
+    }
+}
