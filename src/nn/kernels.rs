@@ -780,16 +780,18 @@ impl SendPtr {
 }
 
 /// Output rows per band for [`conv3d_shifted_gemm`]: up to ~2,048 columns, a band's output
-/// block plus its input rows within ~512 KiB (measured on the side-by-side VAE at 256×256:
-/// budgets of 0.4 / 0.5 / 0.75 / 1 / 2 MiB gave 4.5 / 4.4–4.6 / 4.7 / 4.9–5.0 / 5.5 s of
-/// conv time in one decode; the 32-channel 256×256 layers run at 225 GFLOP/s with 3-row bands
-/// and 175 with 7), and at least four tasks per thread over the whole call so both cores
-/// stay busy.
+/// block plus its input rows within ~512 KiB (L2), but never under ~512 columns, and at least
+/// four tasks per thread over the whole call so both cores stay busy. Measured: on the
+/// side-by-side VAE at 256×256, cache budgets of 0.4 / 0.5 / 0.75 / 1 / 2 MiB gave 4.5 / 4.4–4.6
+/// / 4.7 / 4.9–5.0 / 5.5 s of conv time in one decode (the 32-channel 256² layers: 225 GFLOP/s
+/// with 3-row bands, 175 with 7); without the 512-column floor, wide layers got 2-row bands of
+/// 68 columns (384→384 at 32²: 147 ms against 104 ms with it and 108 ms frame-wide).
 fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize {
     let per_row = (o + ktc) * wp * 4;
     let by_cache = ((512 << 10) / per_row.max(1)).max(1);
     let by_cols = 2048usize.div_ceil(wp);
-    let mut rows = by_cols.min(by_cache).clamp(1, ho);
+    let at_least = 512usize.div_ceil(wp);
+    let mut rows = by_cols.min(by_cache).max(at_least).clamp(1, ho);
     let tasks = 4 * rayon::current_num_threads();
     while rows > 1 && frames * ho.div_ceil(rows) < tasks {
         rows = rows.div_ceil(2);
