@@ -442,6 +442,8 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                             "text_encode": timings.text_encode.as_secs_f64(),
                             "denoise": timings.denoise.as_secs_f64(),
                             "decode_and_write": timings.decode.as_secs_f64(),
+                            "vae_decode": (timings.decode - timings.write).as_secs_f64(),
+                            "write": timings.write.as_secs_f64(),
                         },
                     }),
                     format!(
@@ -457,13 +459,14 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                     ),
                 );
                 printer.note(&format!(
-                    "  model load {:.2} s · text encode {:.2} s · denoise {:.2} s ({} steps, {:.2} s/step) · decode + write {:.2} s",
+                    "  model load {:.2} s · text encode {:.2} s · denoise {:.2} s ({} steps, {:.2} s/step) · decode {:.2} s + write {:.2} s",
                     load_secs,
                     timings.text_encode.as_secs_f64(),
                     timings.denoise.as_secs_f64(),
                     job.request.steps,
                     timings.denoise.as_secs_f64() / job.request.steps as f64,
-                    timings.decode.as_secs_f64()
+                    (timings.decode - timings.write).as_secs_f64(),
+                    timings.write.as_secs_f64()
                 ));
             }
             Err(e) => {
@@ -568,6 +571,8 @@ fn write_sidecar(job: &Job, model: &WanModel, t: &Timings) -> Result<()> {
         "text_encode": t.text_encode.as_secs_f64(),
         "denoise": t.denoise.as_secs_f64(),
         "decode_and_write": t.decode.as_secs_f64(),
+        "vae_decode": (t.decode - t.write).as_secs_f64(),
+        "write": t.write.as_secs_f64(),
     });
     let out = AtomicOutput::new(&path)?;
     std::fs::write(out.tmp_path(), serde_json::to_string_pretty(&v)? + "\n")

@@ -59,7 +59,10 @@ impl Observer for Silent {}
 pub struct Timings {
     pub text_encode: Duration,
     pub denoise: Duration,
+    /// VAE decode and the sink (frame conversion, encode, mux) together.
     pub decode: Duration,
+    /// The part of `decode` spent in the sink.
+    pub write: Duration,
 }
 
 /// The latent shape `[1, C, T', H/8, W/8]` for a request.
@@ -450,7 +453,9 @@ pub fn generate(
             bail!("interrupted");
         }
         let n = chunk.dim(1)? as u64;
+        let ts = Instant::now();
         sink(&chunk)?;
+        timings.write += ts.elapsed();
         obs.advance(n);
     }
     timings.decode = t2.elapsed();

@@ -646,6 +646,15 @@ fn cli_long_clip_uses_temporal_windows_and_is_exact() {
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["frames"], 48);
+    // The decode stage's time, split into the VAE's part and the encoder's (sink's) part.
+    let t = &v["timings"];
+    let (all, vae, write) = (
+        t["decode_and_write"].as_f64().unwrap(),
+        t["vae_decode"].as_f64().unwrap(),
+        t["write"].as_f64().unwrap(),
+    );
+    assert!(vae > 0.0 && write > 0.0, "{t}");
+    assert!((vae + write - all).abs() < 1e-6, "{t}");
     let p = probe(&out);
     assert_eq!(p["streams"][0]["nb_read_frames"], "48");
     assert_eq!(p["format"]["duration"], "6.000000");
