@@ -140,8 +140,8 @@ def main():
         res = json.loads(out.stdout.strip().splitlines()[-1])
         peak = int(out.stderr.strip().splitlines()[-1]) / 1024
         t = res["timings"]
-        # The VAE's own time (PyTorch's decode returns arrays; sora's also encodes H.264 and
-        # muxes, reported apart as `write`).
+        # The VAE's part (PyTorch's decode returns arrays; sora's decode stage also encodes
+        # H.264 and muxes, reported apart as `write`).
         writes.append(t["write"])
         return t["denoise"] / args.steps, t["vae_decode"], total, peak
 
@@ -173,8 +173,8 @@ def main():
         ratios = sorted(s_[i] / t[i] for t, s_ in rounds)
         print(f"  {name.split(' (')[0]}: ratios {ratios[0]:.2f} to {ratios[-1]:.2f} over the rounds")
     print("  (PyTorch's peak memory is its process's high-water mark up to that round; sora's is its own run's)")
-    print(f"  (VAE decode is the VAE alone on both sides; sora's end to end also includes its H.264 encode + mux: "
-          f"{min(writes):.2f}-{max(writes):.2f} s over the rounds)")
+    print(f"  (VAE decode: sora's decode stage minus the time inside its encoder calls and flush, "
+          f"{min(writes):.2f}-{max(writes):.2f} s over the rounds, which count in its end to end only)")
     sora_step, torch_step = sora_r[0], torch_r[0]
     print(f"DiT step: {tokens} tokens, {flops / 1e9:.1f} GFLOP; sora {flops / sora_step / 1e9:.0f} GFLOP/s, "
           f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "

@@ -442,7 +442,7 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                             "text_encode": timings.text_encode.as_secs_f64(),
                             "denoise": timings.denoise.as_secs_f64(),
                             "decode_and_write": timings.decode.as_secs_f64(),
-                            "vae_decode": (timings.decode - timings.write).as_secs_f64(),
+                            "vae_decode": timings.decode.saturating_sub(timings.write).as_secs_f64(),
                             "write": timings.write.as_secs_f64(),
                         },
                     }),
@@ -465,7 +465,7 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                     timings.denoise.as_secs_f64(),
                     job.request.steps,
                     timings.denoise.as_secs_f64() / job.request.steps as f64,
-                    (timings.decode - timings.write).as_secs_f64(),
+                    timings.decode.saturating_sub(timings.write).as_secs_f64(),
                     timings.write.as_secs_f64()
                 ));
             }
@@ -571,7 +571,7 @@ fn write_sidecar(job: &Job, model: &WanModel, t: &Timings) -> Result<()> {
         "text_encode": t.text_encode.as_secs_f64(),
         "denoise": t.denoise.as_secs_f64(),
         "decode_and_write": t.decode.as_secs_f64(),
-        "vae_decode": (t.decode - t.write).as_secs_f64(),
+        "vae_decode": t.decode.saturating_sub(t.write).as_secs_f64(),
         "write": t.write.as_secs_f64(),
     });
     let out = AtomicOutput::new(&path)?;
@@ -647,7 +647,7 @@ fn run_job(
         }
         Ok(())
     };
-    let timings = generate(model, &job.request, init_noise, bars, cancel, &mut sink)?;
+    let mut timings = generate(model, &job.request, init_noise, bars, cancel, &mut sink)?;
     if written != job.write_frames {
         bail!(
             "decoded {written} frames but {} were planned",
@@ -655,7 +655,13 @@ fn run_job(
         );
     }
     if let Writer::Mp4(w) = writer {
+        // The encoder's flush (frames x264 still holds) and the faststart rewrite belong to
+        // the decode stage's writing part.
+        let t = std::time::Instant::now();
         w.finish()?;
+        let dt = t.elapsed();
+        timings.write += dt;
+        timings.decode += dt;
     }
     out.commit()?;
     Ok(timings)

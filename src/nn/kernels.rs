@@ -770,7 +770,7 @@ pub fn attention_bnhd(
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint slots (see attention_bnhd).
+// SAFETY: tasks write disjoint slots (see attention_bnhd and conv3d_shifted_gemm).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
@@ -780,12 +780,13 @@ impl SendPtr {
 }
 
 /// Output rows per band for [`conv3d_shifted_gemm`]: up to ~2,048 columns, a band's output
-/// block plus its input rows within ~512 KiB (L2), but never under ~512 columns, and at least
-/// four tasks per thread over the whole call so both cores stay busy. Measured: on the
-/// side-by-side VAE at 256×256, cache budgets of 0.4 / 0.5 / 0.75 / 1 / 2 MiB gave 4.5 / 4.4–4.6
-/// / 4.7 / 4.9–5.0 / 5.5 s of conv time in one decode (the 32-channel 256² layers: 225 GFLOP/s
-/// with 3-row bands, 175 with 7); without the 512-column floor, wide layers got 2-row bands of
-/// 68 columns (384→384 at 32²: 147 ms against 104 ms with it and 108 ms frame-wide).
+/// block plus its input rows within ~512 KiB (L2), at least four tasks per thread over the
+/// whole call when that leaves bands of ~512 columns or more, and never under ~512 columns
+/// (or the whole frame). Measured: on the side-by-side VAE at 256×256, cache budgets of 0.4 /
+/// 0.5 / 0.75 / 1 / 2 MiB gave 4.5 / 4.4–4.6 / 4.7 / 4.9–5.0 / 5.5 s of conv time in one decode
+/// (the 32-channel 256² layers: 225 GFLOP/s with 3-row bands, 175 with 7); without the
+/// 512-column floor, wide layers got 2-row bands of 68 columns (384→384 at 32², four frames:
+/// 147 ms against 104 ms with it and 108 ms frame-wide).
 fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize {
     let per_row = (o + ktc) * wp * 4;
     let by_cache = ((512 << 10) / per_row.max(1)).max(1);
@@ -796,7 +797,10 @@ fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize
     while rows > 1 && frames * ho.div_ceil(rows) < tasks {
         rows = rows.div_ceil(2);
     }
-    rows
+    // The column floor wins over the task count: a one-frame call at 32² (the decoder's
+    // low-resolution layers) with 4-row bands of 136 columns took 30.8 ms (384→384), with
+    // 16-row bands (one per thread) 26.1.
+    rows.max(at_least).min(ho)
 }
 
 /// Rearranges a PyTorch Conv3d weight `[O, C, kt, kh, kw]` for [`conv3d_shifted_gemm`]:
