@@ -437,14 +437,10 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                         "width": job.width, "height": job.height,
                         "duration": job.write_frames as f64 / job.fps as f64,
                         "seconds": secs,
-                        "timings": {
-                            "load": if index == 0 { load_secs } else { 0.0 },
-                            "text_encode": timings.text_encode.as_secs_f64(),
-                            "denoise": timings.denoise.as_secs_f64(),
-                            "decode_and_write": timings.decode.as_secs_f64(),
-                            "vae_decode": timings.decode.saturating_sub(timings.write).as_secs_f64(),
-                            "write": timings.write.as_secs_f64(),
-                        },
+                        "timings": timings_json(
+                            &timings,
+                            Some(if index == 0 { load_secs } else { 0.0 }),
+                        ),
                     }),
                     format!(
                         "wrote {}: {} frame{} {}×{} @ {} fps, seed {}, {:.1} s",
@@ -465,7 +461,7 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
                     timings.denoise.as_secs_f64(),
                     job.request.steps,
                     timings.denoise.as_secs_f64() / job.request.steps as f64,
-                    timings.decode.saturating_sub(timings.write).as_secs_f64(),
+                    timings.vae_decode().as_secs_f64(),
                     timings.write.as_secs_f64()
                 ));
             }
@@ -563,17 +559,27 @@ fn settings_json(job: &Job, model: &WanModel) -> serde_json::Value {
     })
 }
 
+/// A job's stage timings in seconds, as `--json` and the sidecar report them; `load` (the
+/// model load, charged to a batch's first job) only where given.
+fn timings_json(t: &Timings, load: Option<f64>) -> serde_json::Value {
+    let mut v = json!({
+        "text_encode": t.text_encode.as_secs_f64(),
+        "denoise": t.denoise.as_secs_f64(),
+        "decode_and_write": t.decode.as_secs_f64(),
+        "vae_decode": t.vae_decode().as_secs_f64(),
+        "write": t.write.as_secs_f64(),
+    });
+    if let Some(load) = load {
+        v["load"] = json!(load);
+    }
+    v
+}
+
 fn write_sidecar(job: &Job, model: &WanModel, t: &Timings) -> Result<()> {
     let path = job.out.with_extension("json");
     let mut v = settings_json(job, model);
     v["output"] = json!(job.out);
-    v["timings"] = json!({
-        "text_encode": t.text_encode.as_secs_f64(),
-        "denoise": t.denoise.as_secs_f64(),
-        "decode_and_write": t.decode.as_secs_f64(),
-        "vae_decode": t.decode.saturating_sub(t.write).as_secs_f64(),
-        "write": t.write.as_secs_f64(),
-    });
+    v["timings"] = timings_json(t, None);
     let out = AtomicOutput::new(&path)?;
     std::fs::write(out.tmp_path(), serde_json::to_string_pretty(&v)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;

@@ -792,14 +792,14 @@ fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize
     let by_cache = ((512 << 10) / per_row.max(1)).max(1);
     let by_cols = 2048usize.div_ceil(wp);
     let at_least = 512usize.div_ceil(wp);
-    let mut rows = by_cols.min(by_cache).max(at_least).clamp(1, ho);
+    let mut rows = by_cols.min(by_cache).clamp(1, ho);
     let tasks = 4 * rayon::current_num_threads();
-    while rows > 1 && frames * ho.div_ceil(rows) < tasks {
+    // Halved for more tasks, but not below the column floor: a one-frame call at 32² (the
+    // decoder's low-resolution layers) with 4-row bands of 136 columns took 30.8 ms
+    // (384→384), with 16-row bands (one per thread) 26.1.
+    while rows > at_least && frames * ho.div_ceil(rows) < tasks {
         rows = rows.div_ceil(2);
     }
-    // The column floor wins over the task count: a one-frame call at 32² (the decoder's
-    // low-resolution layers) with 4-row bands of 136 columns took 30.8 ms (384→384), with
-    // 16-row bands (one per thread) 26.1.
     rows.max(at_least).min(ho)
 }
 

@@ -65,6 +65,13 @@ pub struct Timings {
     pub write: Duration,
 }
 
+impl Timings {
+    /// The VAE's part of the decode stage (`decode` without the sink's `write`).
+    pub fn vae_decode(&self) -> Duration {
+        self.decode.saturating_sub(self.write)
+    }
+}
+
 /// The latent shape `[1, C, T', H/8, W/8]` for a request.
 pub fn latent_shape(
     model: &WanModel,
