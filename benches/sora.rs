@@ -19,7 +19,7 @@ use sora::train::recipe::init_params;
 
 fn dev() -> Device {
     // As the sora binary does at start (glibc keeps freed buffers instead of unmapping them).
-    sora::nn::tune_allocator();
+    sora::nn::tune_allocator(256);
     Device::Cpu
 }
 

@@ -13,8 +13,12 @@ fn set_threads(n: Option<usize>) {
 }
 
 fn main() {
-    sora::nn::tune_allocator();
     let cli = Cli::parse();
+    // Freed memory kept mapped (MiB): a training step frees and reallocates its whole graph.
+    sora::nn::tune_allocator(match cli.command {
+        Command::Train(_) => 2048,
+        _ => 256,
+    });
     let result = match cli.command {
         Command::Gen(args) => {
             set_threads(args.threads);
@@ -22,6 +26,11 @@ fn main() {
         }
         Command::Train(args) => {
             set_threads(args.threads);
+            // Training runs one single-threaded batch shard per core (train::looper); candle's
+            // own worker pool, created on first use, would only compete with them for cores.
+            if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+                std::env::set_var("CANDLE_NUM_THREADS", "1");
+            }
             run_train(args)
         }
         Command::Eval(args) => {

@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// Override the extra loss weight of object tokens in DiT training (0: plain MSE).
     #[arg(long, value_name = "W")]
     pub dit_object_weight: Option<f64>,
+    /// Override how many latent positions around the object also get its loss weight
+    /// (0: the object's positions only).
+    #[arg(long, value_name = "N")]
+    pub dit_object_dilate: Option<usize>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

@@ -44,6 +44,9 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         }
         r.dit_object_weight = w;
     }
+    if let Some(d) = a.dit_object_dilate {
+        r.dit_object_dilate = d;
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }

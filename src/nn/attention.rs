@@ -32,6 +32,9 @@ pub fn attention(
 }
 
 fn direct(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    if super::fused::fast_grads(q) {
+        return super::fused::attention_trainable(q, k, v, scale, bias);
+    }
     let dtype = q.dtype();
     let q = q.contiguous()?;
     let kt = k.t()?.contiguous()?;

@@ -81,7 +81,7 @@ pub(crate) fn attach(
     )
 }
 
-fn fast_grads(x: &Tensor) -> bool {
+pub(crate) fn fast_grads(x: &Tensor) -> bool {
     super::differentiable() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
@@ -298,20 +298,24 @@ fn rows_map2(
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Send + Sync,
 ) -> Result<Tensor> {
     let d = a.dim(candle_core::D::Minus1)?;
-    let av = a.flatten_all()?.to_vec1::<f32>()?;
-    let bv = b.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; av.len()];
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let mut out = vec![0f32; a.elem_count()];
     let rows_per_task = (16384 / d.max(1)).max(1) * d;
-    out.par_chunks_mut(rows_per_task)
-        .zip(
-            av.par_chunks(rows_per_task)
-                .zip(bv.par_chunks(rows_per_task)),
-        )
-        .for_each(|(o, (ac, bc))| {
-            for ((o, ar), br) in o.chunks_mut(d).zip(ac.chunks(d)).zip(bc.chunks(d)) {
-                f(ar, br, o);
-            }
-        });
+    super::kernels::with_data(&a, |av| {
+        super::kernels::with_data(&b, |bv| {
+            out.par_chunks_mut(rows_per_task)
+                .zip(
+                    av.par_chunks(rows_per_task)
+                        .zip(bv.par_chunks(rows_per_task)),
+                )
+                .for_each(|(o, (ac, bc))| {
+                    for ((o, ar), br) in o.chunks_mut(d).zip(ac.chunks(d)).zip(bc.chunks(d)) {
+                        f(ar, br, o);
+                    }
+                });
+            Ok(())
+        })
+    })?;
     Tensor::from_vec(out, a.shape(), a.device())
 }
 
@@ -376,13 +380,56 @@ pub fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
     let p = candle_nn::ops::softmax_last_dim(&s.detach())?;
     let p_saved = p.clone();
     attach(s, s, p, "softmax", move |_, _, g| {
-        let gs = rows_map2(&p_saved, g, |pr, gr, o| {
-            let dot: f32 = pr.iter().zip(gr).map(|(p, g)| p * g).sum();
-            for ((o, &p), &g) in o.iter_mut().zip(pr).zip(gr) {
-                *o = p * (g - dot);
-            }
-        })?;
+        let gs = rows_map2(&p_saved, g, |pr, gr, o| softmax_row_grad(pr, gr, o, 1.0))?;
         Ok((Some(gs), None))
+    })
+}
+
+/// The softmax backward pass of one row: `o = scale · p·(g − Σ g·p)`.
+fn softmax_row_grad(p: &[f32], g: &[f32], o: &mut [f32], scale: f32) {
+    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+    for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+        *o = scale * p * (g - dot);
+    }
+}
+
+/// `softmax(q·kᵀ·scale + bias)·v` (`q` `[B, H, Nq, D]`, `k`/`v` `[B, H, Nk, D]`, `bias` a
+/// constant broadcastable to the scores) as one node of the training graph: candle's ops on
+/// detached inputs forward, and a backward pass from the saved probabilities
+/// (`dV = Pᵀ·dO`, `dS = scale·P·(dP − Σ dP·P)` with `dP = dO·Vᵀ`, `dQ = dS·K`, `dK = dSᵀ·Q`).
+/// The composed graph had five score-sized nodes, each of whose gradients candle allocates,
+/// zeroes and accumulates. `k` and `v` enter as one `[B, H, Nk, 2D]` operand.
+pub fn attention_trainable(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    let kv = Tensor::cat(&[k, v], 3)?;
+    let (qd, kd, vd) = (
+        q.detach().contiguous()?,
+        k.detach(),
+        v.detach().contiguous()?,
+    );
+    let s = qd.matmul(&kd.t()?.contiguous()?)?;
+    let p = match bias {
+        Some(b) => candle_nn::ops::softmax_last_dim(&s.affine(scale, 0.0)?.broadcast_add(b)?)?,
+        None => super::kernels::softmax_scaled(&s, scale as f32)?,
+    };
+    let o = p.matmul(&vd)?;
+    let sc = scale as f32;
+    attach(q, &kv, o, "attention", move |q, kv, g| {
+        let k = kv.narrow(3, 0, d)?.contiguous()?;
+        let v = kv.narrow(3, d, d)?.contiguous()?;
+        let g = g.contiguous()?;
+        let dv = p.t()?.matmul(&g)?;
+        let dp = g.matmul(&v.t()?)?;
+        let ds = rows_map2(&p, &dp, |pr, gr, o| softmax_row_grad(pr, gr, o, sc))?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(Tensor::cat(&[dk, dv], 3)?)))
     })
 }
 

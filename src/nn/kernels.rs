@@ -369,7 +369,7 @@ fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (which must be a contiguous CPU f32 tensor).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     f(cpu_data(&storage, layout)?)
 }
@@ -518,6 +518,24 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
             .for_each(|(o, s)| gelu_slice(s, o));
         Ok(())
     })?;
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// `softmax(x·scale)` over the last dim of an f32 tensor (finite input), vectorised and
+/// parallel over rows: the training attention's probabilities (candle's softmax calls the
+/// scalar `expf` per element: 5% of a DiT training step).
+pub fn softmax_scaled(x: &Tensor, scale: f32) -> Result<Tensor> {
+    let x = prep(x)?;
+    let d = x.dim(candle_core::D::Minus1)?;
+    let mut out = x.flatten_all()?.to_vec1::<f32>()?;
+    let rows = rows_per_task(d) * d;
+    out.par_chunks_mut(rows.max(d)).for_each(|block| {
+        for row in block.chunks_mut(d) {
+            let m = row_max(row) * scale;
+            let sum = exp_row(row, scale, m);
+            scale_row(row, 1.0 / sum);
+        }
+    });
     Tensor::from_vec(out, x.shape(), x.device())
 }
 

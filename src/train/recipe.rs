@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::looper::{train_loop, LoopConfig};
+use super::looper::{data_shards, train_loop, LoopConfig};
 use super::optim::{params, save_tensors, Params};
 use super::world::{self, Scene, Split};
 use crate::models::umt5::{Umt5Config, Umt5Encoder, Umt5Tokenizer};
@@ -62,6 +62,13 @@ pub struct Recipe {
     /// plain background. 0 (the default of older recipes) is the plain mean squared error.
     #[serde(default)]
     pub dit_object_weight: f64,
+    /// Grows the object positions of [`Self::dit_object_weight`] by this many latent positions
+    /// (a square neighbourhood in each latent frame), so the weighted set also covers the
+    /// object's outline: the partly covered positions at its edges and the background right
+    /// around it, where a square's corners and a circle's empty corners differ. 0 (older
+    /// recipes): the positions themselves.
+    #[serde(default)]
+    pub dit_object_dilate: usize,
     pub seed: u64,
     /// Inference defaults written to `sora.json`.
     pub steps: usize,
@@ -128,6 +135,7 @@ impl Recipe {
             cfg_dropout: 0.1,
             dit_sigma_shift: 3.0,
             dit_object_weight: 4.0,
+            dit_object_dilate: 0,
             seed: 2026,
             steps: 24,
             guidance: 6.0,
@@ -291,10 +299,11 @@ pub fn train_vae(
         ema: None,
         ckpt_every: opts.ckpt_every,
         progress: opts.progress,
+        shards: data_shards(r.vae_batch),
     };
     let work = dir.join("work-vae");
     std::fs::create_dir_all(&work)?;
-    let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
+    let outcome = train_loop(&cfg, &ps, &work, cancel, &|step, shard| {
         let mut rng = step_rng(r.seed, 1, step);
         let (x, scenes) = render_batch(&mut rng, r, r.vae_frames, r.vae_batch, &dev)?;
         // Crops around the first object (jittered), so every crop has object pixels.
@@ -306,6 +315,9 @@ pub fn train_vae(
             r.vae_crop as f32 / 4.0,
             &mut rng,
         )?;
+        let rows = shard.rows(scenes.len());
+        let x = x.narrow(0, rows.start, rows.len())?;
+        let scenes = &scenes[rows];
         let (mean, _) = vae.encode(&x)?;
         let recon = vae.decode(&mean)?;
         // Object pixels (those differing from the scene's background colour) weigh 4× more.
@@ -325,7 +337,7 @@ pub fn train_vae(
         let l1 = diff.abs()?.broadcast_mul(&weight)?.mean_all()?;
         let l2 = diff.sqr()?.broadcast_mul(&weight)?.mean_all()?;
         let reg = (mean.sqr()?.mean_all()? * 1e-4)?;
-        Ok(((l1 + l2)? + reg)?)
+        Ok((((l1 + l2)? + reg)? * shard.share(r.vae_batch))?)
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -340,6 +352,9 @@ pub fn train_vae(
     write_json(&out.join("config.json"), &vae_config_json(&r.vae))?;
     Ok(true)
 }
+
+/// Clips per step of the decoder fine-tune (stage 1b).
+const DECODER_BATCH: usize = 2;
 
 /// Stage 1b: fine-tunes the VAE decoder (encoder frozen, so encoded latents stay valid) on
 /// clips of the full generation length. The causal decoder's caches carry context across
@@ -382,17 +397,20 @@ pub fn finetune_decoder(
         ema: None,
         ckpt_every: opts.ckpt_every,
         progress: opts.progress,
+        shards: data_shards(DECODER_BATCH),
     };
     let work = dir.join("work-vae-decoder");
     std::fs::create_dir_all(&work)?;
-    let outcome = train_loop(&lc, &ps, &work, cancel, &mut |step| {
+    let outcome = train_loop(&lc, &ps, &work, cancel, &|step, shard| {
         let mut rng = step_rng(r.seed, 5, step);
-        let (x, scenes) = render_batch(&mut rng, r, r.frames, 2, &dev)?;
+        let (x, scenes) = render_batch(&mut rng, r, r.frames, DECODER_BATCH, &dev)?;
         let x = object_crops(&x, &scenes, r, r.frames, 0.0, &mut rng)?;
+        let rows = shard.rows(DECODER_BATCH);
+        let x = x.narrow(0, rows.start, rows.len())?;
         let (mean, _) = vae.encode(&x.detach())?;
         let recon = vae.decode(&mean.detach())?;
         let diff = (recon - &x)?;
-        Ok((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?)
+        Ok(((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? * shard.share(DECODER_BATCH))?)
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -558,7 +576,11 @@ pub fn train_dit(
         );
     }
     let obj_w = if r.dit_object_weight > 0.0 {
-        Some(object_weights(&latents, r.dit_object_weight)?)
+        Some(object_weights(
+            &latents,
+            r.dit_object_weight,
+            r.dit_object_dilate,
+        )?)
     } else {
         None
     };
@@ -598,10 +620,11 @@ pub fn train_dit(
         ema: Some(0.999),
         ckpt_every: opts.ckpt_every,
         progress: opts.progress,
+        shards: data_shards(r.dit_batch),
     };
     let work = dir.join("work-dit");
     std::fs::create_dir_all(&work)?;
-    let outcome = train_loop(&cfg, &ps, &work, cancel, &mut |step| {
+    let outcome = train_loop(&cfg, &ps, &work, cancel, &|step, shard| {
         let mut rng = step_rng(r.seed, 3, step);
         let b = r.dit_batch;
         let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
@@ -634,16 +657,23 @@ pub fn train_dit(
             .map(|_| rng.sample(rand_distr::StandardNormal))
             .collect();
         let noise = Tensor::from_vec(noise_v, x0.shape(), &dev)?;
-        let s = Tensor::from_vec(sig.clone(), (b, 1, 1, 1, 1), &dev)?;
-        let xt = (x0.broadcast_mul(&(1.0 - &s)?)? + noise.broadcast_mul(&s)?)?;
-        let target = (&noise - &x0)?;
-        let t = (Tensor::from_vec(sig, b, &dev)? * 1000.0)?;
-        let v = dit.forward(&xt, &t, &ctx)?;
         let w = obj_w
             .as_ref()
             .map(|w| w.index_select(&idx_t, 0))
             .transpose()?;
-        flow_matching_loss(&v, &target, w.as_ref())
+        // The batch's normaliser, then this shard's rows of everything.
+        let norm = flow_matching_norm(&x0, w.as_ref())?;
+        let rows = shard.rows(b);
+        let part = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        let (x0, noise, ctx) = (part(&x0)?, part(&noise)?, part(&ctx)?);
+        let w = w.as_ref().map(part).transpose()?;
+        let sig = sig[rows.clone()].to_vec();
+        let s = Tensor::from_vec(sig.clone(), (rows.len(), 1, 1, 1, 1), &dev)?;
+        let xt = (x0.broadcast_mul(&(1.0 - &s)?)? + noise.broadcast_mul(&s)?)?;
+        let target = (&noise - &x0)?;
+        let t = (Tensor::from_vec(sig, rows.len(), &dev)? * 1000.0)?;
+        let v = dit.forward(&xt, &t, &ctx)?;
+        flow_matching_loss_part(&v, &target, w.as_ref(), norm)
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -665,14 +695,32 @@ pub fn train_dit(
 /// `target` (`[B, C, T, h, w]`), or with per-position weights `w` (`[B, 1, T, h, w]`, see
 /// [`object_weights`]) the weighted mean `Σ w·e / (C·Σ w)`, on the same scale as the plain MSE.
 pub fn flow_matching_loss(v: &Tensor, target: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
-    let se = (v - target)?.sqr()?;
+    flow_matching_loss_part(v, target, w, flow_matching_norm(target, w)?)
+}
+
+/// The denominator of [`flow_matching_loss`] for a batch shaped like `x` (`[B, C, T, h, w]`)
+/// with weights `w`: its element count, or `C·Σ w`.
+pub fn flow_matching_norm(x: &Tensor, w: Option<&Tensor>) -> Result<f64> {
     Ok(match w {
-        Some(w) => {
-            let norm = (w.sum_all()? * se.dim(1)? as f64)?;
-            se.broadcast_mul(w)?.sum_all()?.broadcast_div(&norm)?
-        }
-        None => se.mean_all()?,
+        Some(w) => w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? * x.dim(1)? as f64,
+        None => x.elem_count() as f64,
     })
+}
+
+/// `Σ (w·)e / norm` over the rows given: one shard's part of [`flow_matching_loss`] when `norm`
+/// is the whole batch's [`flow_matching_norm`].
+pub fn flow_matching_loss_part(
+    v: &Tensor,
+    target: &Tensor,
+    w: Option<&Tensor>,
+    norm: f64,
+) -> Result<Tensor> {
+    let se = (v - target)?.sqr()?;
+    let sum = match w {
+        Some(w) => se.broadcast_mul(w)?.sum_all()?,
+        None => se.sum_all()?,
+    };
+    Ok((sum / norm)?)
 }
 
 /// Distance (in normalised latent units, L2 over channels) from a frame's background beyond
@@ -682,15 +730,17 @@ pub fn flow_matching_loss(v: &Tensor, target: &Tensor, w: Option<&Tensor>) -> Re
 const OBJECT_LATENT_DISTANCE: f32 = 1.5;
 
 /// Loss weights `[N, 1, T, h, w]` of latents `[N, C, T, h, w]`: `1 + extra` where a position
-/// differs from its frame's background, else 1. The background of each (clip, latent frame) is
-/// the per-channel median over its positions (backgrounds are plain, objects cover < half).
-pub fn object_weights(latents: &Tensor, extra: f64) -> Result<Tensor> {
+/// differs from its frame's background or lies within `dilate` positions (rows and columns of
+/// the same latent frame) of one that does, else 1. The background of each (clip, latent frame)
+/// is the per-channel median over its positions (backgrounds are plain, objects cover < half).
+pub fn object_weights(latents: &Tensor, extra: f64, dilate: usize) -> Result<Tensor> {
     let (n, c, t, h, w) = latents.dims5()?;
     let hw = h * w;
     let v: Vec<f32> = latents.flatten_all()?.to_vec1()?;
     let mut out = vec![1f32; n * t * hw];
     let mut med = vec![0f32; c];
     let mut col = vec![0f32; hw];
+    let mut object = vec![false; hw];
     for i in 0..n {
         for f in 0..t {
             let at = |ch: usize, p: usize| v[(((i * c + ch) * t + f) * hw) + p];
@@ -701,14 +751,24 @@ pub fn object_weights(latents: &Tensor, extra: f64) -> Result<Tensor> {
                 col.sort_unstable_by(f32::total_cmp);
                 *m = 0.5 * (col[(hw - 1) / 2] + col[hw / 2]);
             }
-            for p in 0..hw {
+            for (p, o) in object.iter_mut().enumerate() {
                 let d2: f32 = med
                     .iter()
                     .enumerate()
                     .map(|(ch, m)| (at(ch, p) - m).powi(2))
                     .sum();
-                if d2.sqrt() > OBJECT_LATENT_DISTANCE {
-                    out[(i * t + f) * hw + p] = 1.0 + extra as f32;
+                *o = d2.sqrt() > OBJECT_LATENT_DISTANCE;
+            }
+            let frame = &mut out[(i * t + f) * hw..][..hw];
+            for (p, o) in object.iter().enumerate() {
+                if !o {
+                    continue;
+                }
+                let (y, x) = (p / w, p % w);
+                for yy in y.saturating_sub(dilate)..(y + dilate + 1).min(h) {
+                    for xx in x.saturating_sub(dilate)..(x + dilate + 1).min(w) {
+                        frame[yy * w + xx] = 1.0 + extra as f32;
+                    }
                 }
             }
         }

@@ -136,6 +136,37 @@ fn fused_backward_passes_match_candle_autograd() {
         |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
     );
 
+    // Attention [B, H, N, D]: self (Nq = Nk) and cross (Nk ≠ Nq) with a key bias.
+    let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>| {
+        let mut s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(b) = bias {
+            s = s.broadcast_add(b).unwrap();
+        }
+        candle_nn::ops::softmax(&s, D::Minus1)
+            .unwrap()
+            .matmul(v)
+            .unwrap()
+    };
+    let (q, k, v) = (
+        randn(10, &[2, 3, 7, 8]),
+        randn(11, &[2, 3, 7, 8]),
+        randn(12, &[2, 3, 7, 8]),
+    );
+    check(
+        "attention (self)",
+        &[q.clone(), k, v],
+        |t| fused::attention_trainable(&t[0], &t[1], &t[2], 0.35, None).unwrap(),
+        |t| sdpa(&t[0], &t[1], &t[2], 0.35, None),
+    );
+    let (k, v) = (randn(13, &[2, 3, 4, 8]), randn(14, &[2, 3, 4, 8]));
+    let key_bias = randn(15, &[2, 1, 1, 4]);
+    check(
+        "attention (cross, key bias)",
+        &[q, k, v],
+        |t| fused::attention_trainable(&t[0], &t[1], &t[2], 0.35, Some(&key_bias)).unwrap(),
+        |t| sdpa(&t[0], &t[1], &t[2], 0.35, Some(&key_bias)),
+    );
+
     // RoPE: [B, H, N, D] with [N, D/2] tables.
     let q = randn(7, &[2, 3, 5, 8]);
     let ang = randn(8, &[5, 4]);

@@ -139,6 +139,7 @@ fn cfg(steps: u64) -> LoopConfig {
         ema: Some(0.9),
         ckpt_every: 1000,
         progress: false,
+        shards: 1,
     }
 }
 
@@ -146,7 +147,7 @@ fn cfg(steps: u64) -> LoopConfig {
 fn train_loss_falls_on_a_fixed_batch() {
     let (varmap, dit, x0, noise, ctx, sig) = dit_setup();
     let dir = tmp("falls");
-    let out = train_loop(&cfg(40), &params(&varmap), &dir, &|| false, &mut |_| {
+    let out = train_loop(&cfg(40), &params(&varmap), &dir, &|| false, &|_, _| {
         Ok(fm_loss(&dit, &x0, &noise, &ctx, &sig))
     })
     .unwrap();
@@ -187,23 +188,21 @@ fn train_checkpoint_resumes_exactly() {
     // Straight through: 6 steps.
     let (vm_a, dit_a, x0, noise, ctx, sig) = dit_setup();
     let dir_a = tmp("resume-a");
-    let a = train_loop(&cfg(6), &params(&vm_a), &dir_a, &|| false, &mut |_| {
+    let a = train_loop(&cfg(6), &params(&vm_a), &dir_a, &|| false, &|_, _| {
         Ok(fm_loss(&dit_a, &x0, &noise, &ctx, &sig))
     })
     .unwrap();
     // Interrupted after 3 steps, then resumed into freshly initialised parameters.
     let (vm_b, dit_b, ..) = dit_setup();
     let dir_b = tmp("resume-b");
-    let mut calls = 0;
-    let stop_after_3 = std::cell::Cell::new(0);
+    let calls = std::sync::atomic::AtomicUsize::new(0);
     let interrupted = train_loop(
         &cfg(6),
         &params(&vm_b),
         &dir_b,
-        &|| stop_after_3.get() >= 3,
-        &mut |_| {
-            calls += 1;
-            stop_after_3.set(calls);
+        &|| calls.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        &|_, _| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(fm_loss(&dit_b, &x0, &noise, &ctx, &sig))
         },
     )
@@ -239,7 +238,7 @@ fn train_checkpoint_resumes_exactly() {
     // Continuing gives the run that never stopped (float reductions may differ in the last
     // bit between runs when other threads compete, hence the tolerance).
     let (vm_c, dit_c, ..) = dit_setup();
-    let c = train_loop(&cfg(6), &params(&vm_c), &dir_b, &|| false, &mut |_| {
+    let c = train_loop(&cfg(6), &params(&vm_c), &dir_b, &|| false, &|_, _| {
         Ok(fm_loss(&dit_c, &x0, &noise, &ctx, &sig))
     })
     .unwrap();
@@ -262,6 +261,80 @@ fn train_checkpoint_resumes_exactly() {
             rc.loss
         );
     }
+}
+
+/// Data-parallel steps: the batch cut into shards that run forward and backward on their own
+/// threads, their gradients summed, trains exactly like the whole batch at once (up to float
+/// rounding), with the weighted flow-matching loss normalised over the whole batch.
+#[test]
+fn train_shards_sum_to_the_whole_batch() {
+    use sora::train::looper::Shard;
+    use sora::train::recipe::{flow_matching_loss_part, flow_matching_norm};
+    let snapshot = |vm: &VarMap| -> Vec<f32> {
+        params(vm)
+            .iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    // Uneven weights, so a per-shard normaliser would give a different loss.
+    let wts = Tensor::arange(0f32, 4.0 * 2.0 * 8.0 * 8.0, &Device::Cpu)
+        .unwrap()
+        .affine(1.0 / 256.0, 1.0)
+        .unwrap()
+        .reshape((4, 1, 2, 8, 8))
+        .unwrap();
+    // Same data for both runs (dit_setup draws it at random; the parameters are seeded).
+    let (_, _, x0, noise, ctx, sig) = dit_setup();
+    let run = |shards: usize, name: &str| {
+        let (vm, dit, ..) = dit_setup();
+        let norm = flow_matching_norm(&x0, Some(&wts)).unwrap();
+        let loss = |_: u64, shard: Shard| {
+            let rows = shard.rows(4);
+            let part = |t: &Tensor| t.narrow(0, rows.start, rows.len()).unwrap();
+            let (x0, noise, ctx, w) = (part(&x0), part(&noise), part(&ctx), part(&wts));
+            let sig = part(&sig);
+            let s = sig.reshape((rows.len(), 1, 1, 1, 1)).unwrap();
+            let xt = (x0.broadcast_mul(&(1.0 - &s).unwrap()).unwrap()
+                + noise.broadcast_mul(&s).unwrap())
+            .unwrap();
+            let v = dit.forward(&xt, &(sig * 1000.0).unwrap(), &ctx).unwrap();
+            Ok(flow_matching_loss_part(&v, &(noise - x0).unwrap(), Some(&w), norm).unwrap())
+        };
+        let c = LoopConfig { shards, ..cfg(4) };
+        let out = train_loop(&c, &params(&vm), &tmp(name), &|| false, &loss).unwrap();
+        (out.log, snapshot(&vm))
+    };
+    let (log1, p1) = run(1, "shards-1");
+    let (log3, p3) = run(3, "shards-3");
+    assert_eq!(Shard { index: 1, count: 3 }.rows(4), 1..2);
+    assert_eq!(Shard { index: 2, count: 3 }.rows(4), 2..4);
+    for (a, b) in log1.iter().zip(&log3) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
+            "step {}: loss {} whole vs {} sharded",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * a.grad_norm.abs());
+    }
+    let err = p1
+        .iter()
+        .zip(&p3)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("sharded vs whole batch after 4 steps: max parameter difference {err:.2e}");
+    assert!(
+        err <= 1e-5,
+        "sharded training diverged from the whole batch by {err}"
+    );
+    assert_eq!(log3.len(), 4);
 }
 
 #[test]
@@ -297,10 +370,26 @@ fn dit_object_weights_mark_positions_away_from_the_frame_background() {
         }
     }
     let lat = Tensor::from_vec(v, (n, c, t, h, w), &Device::Cpu).unwrap();
-    let wts = sora::train::recipe::object_weights(&lat, 4.0).unwrap();
+    let wts = sora::train::recipe::object_weights(&lat, 4.0, 0).unwrap();
     assert_eq!(wts.dims(), &[n, 1, t, h, w]);
     let got: Vec<f32> = wts.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got, expect);
+    // Dilated by one: the 2×2 block grows to the 4×4 (clipped) square around it, in its own
+    // latent frame only.
+    let mut grown = vec![1f32; n * t * h * w];
+    for i in 0..n {
+        for f in 0..t {
+            for y in 0..h {
+                for x in 0..w {
+                    if y <= 3 && (f + i).saturating_sub(1) <= x && x <= f + i + 2 {
+                        grown[((i * t + f) * h + y) * w + x] = 5.0;
+                    }
+                }
+            }
+        }
+    }
+    let wts = sora::train::recipe::object_weights(&lat, 4.0, 1).unwrap();
+    assert_eq!(wts.flatten_all().unwrap().to_vec1::<f32>().unwrap(), grown);
 }
 
 #[test]
