@@ -46,9 +46,6 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// The whole batch.
-    pub const ALL: Shard = Shard { index: 0, count: 1 };
-
     /// This shard's rows of a batch of `n`: contiguous, sizes differing by at most one.
     pub fn rows(&self, n: usize) -> Range<usize> {
         let at = |i: usize| i * n / self.count;

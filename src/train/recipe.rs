@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::looper::{data_shards, train_loop, LoopConfig};
@@ -469,26 +470,34 @@ pub fn encode_dataset(
     };
     let mut lat = Vec::with_capacity(r.clips);
     let mut captions = Vec::with_capacity(r.clips);
+    // Chunks of 8 clips, each drawn from its own seed, encoded one chunk per thread at a time.
     let chunk = 8;
-    let mut i = 0;
-    while i < r.clips {
+    let starts: Vec<usize> = (0..r.clips).step_by(chunk).collect();
+    for group in starts.chunks(rayon::current_num_threads().max(1)) {
         if cancel() {
             return Ok(false);
         }
-        let n = chunk.min(r.clips - i);
-        let mut rng = step_rng(r.seed, 2, i as u64);
-        let (x, scenes) = render_batch(&mut rng, r, r.frames, n, &dev)?;
-        let (mean, _) = vae.encode(&x)?;
-        for (j, s) in scenes.iter().enumerate() {
-            lat.push(mean.get(j)?);
-            captions.push(
-                (0..3)
-                    .map(|_| world::caption(s, &mut rng))
-                    .collect::<Vec<_>>(),
-            );
+        let encoded = group
+            .par_iter()
+            .map(|&i| -> Result<(Tensor, Vec<Vec<String>>)> {
+                let n = chunk.min(r.clips - i);
+                let mut rng = step_rng(r.seed, 2, i as u64);
+                let (x, scenes) = render_batch(&mut rng, r, r.frames, n, &dev)?;
+                let (mean, _) = vae.encode(&x)?;
+                let caps = scenes
+                    .iter()
+                    .map(|s| (0..3).map(|_| world::caption(s, &mut rng)).collect())
+                    .collect();
+                bar.inc(n as u64);
+                Ok((mean, caps))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (mean, caps) in encoded {
+            for (j, c) in caps.into_iter().enumerate() {
+                lat.push(mean.get(j)?);
+                captions.push(c);
+            }
         }
-        i += n;
-        bar.inc(n as u64);
     }
     bar.finish_and_clear();
     let all = Tensor::stack(&lat, 0)?; // [N, z, T, h, w]
