@@ -193,6 +193,12 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// `Wᵀ` `[in, out]` where the CPU inference kernels can take it (contiguous, not
+    /// training): for kernels that fold the layer into another product.
+    pub fn transposed(&self) -> Option<&Tensor> {
+        (self.weight_t.is_contiguous() && !super::differentiable()).then_some(&self.weight_t)
+    }
 }
 
 impl Linear {
@@ -300,7 +306,7 @@ fn rows_map2(
     let d = a.dim(candle_core::D::Minus1)?;
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let mut out = vec![0f32; a.elem_count()];
-    let rows_per_task = (16384 / d.max(1)).max(1) * d;
+    let rows_per_task = super::kernels::rows_per_task(d) * d;
     super::kernels::with_data(&a, |av| {
         super::kernels::with_data(&b, |bv| {
             out.par_chunks_mut(rows_per_task)

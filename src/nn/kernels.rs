@@ -401,7 +401,7 @@ pub(crate) fn group_count(x: &Tensor, s: &Tensor, what: &str) -> Result<usize> {
 }
 
 /// Rows per parallel task for rows of length `d`: about 64 KiB of input.
-fn rows_per_task(d: usize) -> usize {
+pub(crate) fn rows_per_task(d: usize) -> usize {
     (16384 / d.max(1)).max(1)
 }
 
@@ -529,7 +529,7 @@ pub fn softmax_scaled(x: &Tensor, scale: f32) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     let mut out = x.flatten_all()?.to_vec1::<f32>()?;
     let rows = rows_per_task(d) * d;
-    out.par_chunks_mut(rows.max(d)).for_each(|block| {
+    out.par_chunks_mut(rows).for_each(|block| {
         for row in block.chunks_mut(d) {
             let m = row_max(row) * scale;
             let sum = exp_row(row, scale, m);
@@ -784,6 +784,227 @@ pub fn attention_bnhd(
         Ok(())
     })?;
     Tensor::from_vec(out, q.shape(), q.device())
+}
+
+/// Whether [`attention_out_folded`] costs less than attention followed by its output
+/// projection, for `heads` heads of a `d`-wide model attending to `keys` keys with a `d_out`
+/// projection: per query row the folded form multiplies `heads·keys` probabilities into
+/// `d_out` columns, the plain one `keys` per head into the values and then `d` into `d_out`.
+pub fn folding_pays(heads: usize, keys: usize, d: usize) -> bool {
+    heads * keys < d + keys
+}
+
+/// Attention with its output projection folded into the values: `residual + bias +
+/// (softmax(q·kᵀ·scale + key_bias)·v)·Wᵀ` per head, computed as `P·(V·Wᵀ)`, where `P`
+/// `[N, H·L]` holds every head's probabilities side by side and `V·Wᵀ` `[H·L, D_out]` each
+/// head's values through its slice of the projection (`wt` = `Wᵀ` `[H·Dh, D_out]`). The same
+/// sum reassociated: exact up to float rounding. For cross-attention to a short text (the
+/// Wan DiT's prompt after [`merge`](crate::models::wan::dit::merge_repeated_keys) of its
+/// padding: L ≈ 10–50 keys) `H·L` is far below `D`, so the `N·D·D_out` output projection
+/// becomes an `N·H·L·D_out` product (see [`folding_pays`]).
+///
+/// `q` `[B, N, H·Dh]`, `k`/`v` `[B, L, H·Dh]`, `key_bias` `[B, L]`, `bias` `[D_out]`,
+/// `residual` `[B, N, D_out]`; returns `[B, N, D_out]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_out_folded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    key_bias: Option<&Tensor>,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let (q, k, v, wt, residual) = (prep(q)?, prep(k)?, prep(v)?, prep(wt)?, prep(residual)?);
+    let (b, nq, d) = q.dims3()?;
+    let (bk, l, dk) = k.dims3()?;
+    let (wd, dout) = wt.dims2()?;
+    if bk != b
+        || dk != d
+        || l == 0
+        || v.dims() != k.dims()
+        || heads == 0
+        || d % heads != 0
+        || wd != d
+    {
+        candle_core::bail!(
+            "attention_out_folded: q {:?}, k {:?}, v {:?}, {heads} heads, projection {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            wt.shape()
+        );
+    }
+    if residual.dims() != [b, nq, dout] {
+        candle_core::bail!(
+            "attention_out_folded: residual {:?} for output [{b}, {nq}, {dout}]",
+            residual.shape()
+        );
+    }
+    let key_bias: Option<Vec<f32>> = match key_bias {
+        Some(kb) if kb.dims() != [b, l] => candle_core::bail!(
+            "attention_out_folded: key bias {:?} for keys {:?}",
+            kb.shape(),
+            k.shape()
+        ),
+        Some(kb) => Some(prep(kb)?.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let bias: Option<Vec<f32>> = bias.map(|t| prep(t)?.to_vec1()).transpose()?;
+    if bias.as_ref().is_some_and(|bv| bv.len() != dout) {
+        candle_core::bail!(
+            "attention_out_folded: bias of {} for {dout} outputs",
+            bias.map_or(0, |bv| bv.len())
+        );
+    }
+    let hd = d / heads;
+    let hl = heads * l;
+    let scale = scale as f32;
+    // V·Wᵀ per (item, head): [B, H·L, D_out], rows (h, key).
+    let mut vw = output_buffer(b * hl * dout);
+    with_data(&v, |vs| {
+        with_data(&wt, |ws| {
+            vw.par_chunks_mut(l * dout)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let (bi, h) = (i / heads, i % heads);
+                    // SAFETY: V's head block is l×hd at row stride d, Wᵀ's rows h·hd.. are hd×dout
+                    // row-major, dst is l×dout row-major.
+                    unsafe {
+                        gemm::gemm(
+                            l,
+                            dout,
+                            hd,
+                            dst.as_mut_ptr(),
+                            1,
+                            dout as isize,
+                            false,
+                            vs[bi * l * d + h * hd..].as_ptr(),
+                            1,
+                            d as isize,
+                            ws[h * hd * dout..].as_ptr(),
+                            1,
+                            dout as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+            Ok(())
+        })
+    })?;
+    // P: [B, N, H·L], every head's probabilities for a query row side by side.
+    let mut p = output_buffer(b * nq * hl);
+    let rows_per = (ATT_BQ / 4).max(1);
+    let blocks = nq.div_ceil(rows_per);
+    with_data(&q, |qs| {
+        with_data(&k, |ks| {
+            // Tasks are (item, block of query rows), so no block straddles two items.
+            let pp = SendPtr(p.as_mut_ptr());
+            (0..b * blocks).into_par_iter().for_each(|task| {
+                let (bi, blk) = (task / blocks, task % blocks);
+                let r0 = blk * rows_per;
+                let rows = rows_per.min(nq - r0);
+                // SAFETY: this task owns rows r0..r0+rows of item bi in P.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(pp.get().add((bi * nq + r0) * hl), rows * hl)
+                };
+                for h in 0..heads {
+                    // S[rows, L] = Q_h · K_hᵀ into columns h·L.. of P (row stride H·L).
+                    // SAFETY: strides stay inside q, k and this task's rows of P.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            l,
+                            hd,
+                            dst[h * l..].as_mut_ptr(),
+                            1,
+                            hl as isize,
+                            false,
+                            qs[(bi * nq + r0) * d + h * hd..].as_ptr(),
+                            1,
+                            d as isize,
+                            ks[bi * l * d + h * hd..].as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                let kb = key_bias.as_deref().map(|kb| &kb[bi * l..(bi + 1) * l]);
+                for seg in dst.chunks_exact_mut(l) {
+                    let sum = match kb {
+                        Some(kb) => {
+                            let m = scale_bias_row(seg, scale, kb);
+                            exp_row(seg, 1.0, m)
+                        }
+                        None => {
+                            let m = row_max(seg) * scale;
+                            exp_row(seg, scale, m)
+                        }
+                    };
+                    scale_row(seg, 1.0 / sum);
+                }
+            });
+            Ok(())
+        })
+    })?;
+    // out = residual + bias + P·(V·Wᵀ), one GEMM per item accumulating into the pre-filled rows.
+    let mut out = output_buffer(b * nq * dout);
+    let rpt = rows_per_task(dout);
+    with_data(&residual, |rs| {
+        out.par_chunks_mut(rpt * dout)
+            .zip(rs.par_chunks(rpt * dout))
+            .for_each(|(o, r)| match &bias {
+                Some(bv) => {
+                    for (orow, rrow) in o.chunks_mut(dout).zip(r.chunks(dout)) {
+                        for ((ov, &rv), &bb) in orow.iter_mut().zip(rrow).zip(bv) {
+                            *ov = rv + bb;
+                        }
+                    }
+                }
+                None => o.copy_from_slice(r),
+            });
+        Ok(())
+    })?;
+    for bi in 0..b {
+        // SAFETY: item bi's P is nq×hl, its V·Wᵀ hl×dout, its output rows nq×dout, row-major.
+        unsafe {
+            gemm::gemm(
+                nq,
+                dout,
+                hl,
+                out[bi * nq * dout..].as_mut_ptr(),
+                1,
+                dout as isize,
+                true,
+                p[bi * nq * hl..].as_ptr(),
+                1,
+                hl as isize,
+                vw[bi * hl * dout..].as_ptr(),
+                1,
+                dout as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+    }
+    Tensor::from_vec(out, (b, nq, dout), q.device())
 }
 
 #[derive(Clone, Copy)]

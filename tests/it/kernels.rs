@@ -387,3 +387,67 @@ fn kernel_conv3d_bands_match_composed_conv() {
         assert_close("conv3d bands vs composed conv", &got, &want, 2e-5);
     }
 }
+
+/// Cross-attention with the output projection folded into the values equals attention
+/// followed by the projection with bias and residual (the DiT's plain path), with and without
+/// a key bias, for key counts that do and do not leave vector remainders, and it refuses
+/// mismatched operands by name.
+#[test]
+fn kernel_folded_cross_attention_matches_attention_then_projection() {
+    for (b, h, hd, nq, nk, dout, with_bias) in [
+        (2, 8, 64, 300, 12, 512, true),
+        (2, 6, 32, 65, 17, 192, true),
+        (1, 3, 40, 70, 1, 100, false),
+        (2, 4, 16, 33, 40, 64, false),
+    ] {
+        let d = h * hd;
+        let q = (randn(21, &[b, nq, d]) * 2.0).unwrap();
+        let k = (randn(22, &[b, nk, d]) * 2.0).unwrap();
+        let v = randn(23, &[b, nk, d]);
+        let wt = (randn(24, &[d, dout]) * (1.0 / (d as f64).sqrt())).unwrap();
+        let bias = randn(25, &[dout]);
+        let residual = randn(26, &[b, nq, dout]);
+        let kb = (randn(27, &[b, nk]).abs().unwrap() * 2.0).unwrap();
+        let key_bias = with_bias.then_some(&kb);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = kernels::attention_bnhd(&q, &k, &v, h, scale, key_bias).unwrap();
+        let want = kernels::linear(
+            &o.reshape((b * nq, d)).unwrap(),
+            &wt,
+            Some(&bias),
+            Some(&residual.reshape((b * nq, dout)).unwrap()),
+        )
+        .unwrap()
+        .reshape((b, nq, dout))
+        .unwrap();
+        let got = kernels::attention_out_folded(
+            &q,
+            &k,
+            &v,
+            h,
+            scale,
+            key_bias,
+            &wt,
+            Some(&bias),
+            &residual,
+        )
+        .unwrap();
+        assert_close(
+            &format!("folded cross-attention b{b} h{h} d{hd} nq{nq} nk{nk} out{dout}"),
+            &got,
+            &want,
+            2e-5,
+        );
+    }
+    let (q, k) = (randn(1, &[1, 10, 64]), randn(2, &[1, 5, 64]));
+    let (wt, r) = (randn(3, &[64, 32]), randn(4, &[1, 10, 32]));
+    let e =
+        kernels::attention_out_folded(&q, &k, &k, 4, 0.25, None, &wt, None, &randn(5, &[1, 9, 32]))
+            .unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    let e =
+        kernels::attention_out_folded(&q, &k, &k, 4, 0.25, None, &randn(6, &[32, 32]), None, &r)
+            .unwrap_err();
+    assert!(e.to_string().contains("projection"), "{e}");
+    assert!(kernels::folding_pays(8, 12, 512) && !kernels::folding_pays(8, 80, 512));
+}

@@ -91,31 +91,11 @@ impl WanAttention {
         let l = kv_in.dim(1)?;
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        // CPU inference: bias, q/k norm and RoPE applied to each row of the projections'
-        // output while it is in cache, and the output projection's gated residual likewise.
-        let qk = |lin: &Linear, input: &Tensor, gamma: &Tensor, tokens: usize| {
-            lin.forward_epilogue(
-                input,
-                Epilogue::RmsRope {
-                    gamma,
-                    eps: self.eps,
-                    rope: rope.map(|(c, s)| (c, s)),
-                    heads: self.heads,
-                    tokens,
-                },
-            )
-        };
         if kernels::usable(x) {
-            if let (Some(q), Some(k)) = (
-                qk(&self.to_q, x, &self.norm_q, n)?,
-                qk(&self.to_k, kv_in, &self.norm_k, l)?,
-            ) {
-                let v = self.to_v.forward(kv_in)?;
-                let o = kernels::attention_bnhd(&q, &k, &v, self.heads, scale, key_bias)?;
-                return match out {
-                    Out::Residual(r) => self.to_out.forward_add(&o, r),
-                    Out::Gated(r, gate) => self.to_out.forward_gated(&o, r, gate),
-                };
+            if let Some(q) = self.project(&self.to_q, x, &self.norm_q, rope)? {
+                if let Some(y) = self.attend(&q, kv_in, context.is_some(), key_bias, rope, out)? {
+                    return Ok(y);
+                }
             }
         }
         let q = rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
@@ -153,6 +133,74 @@ impl WanAttention {
             Out::Residual(r) => self.to_out.forward_add(&o, r),
             Out::Gated(r, gate) => self.to_out.forward_gated(&o, r, gate),
         }
+    }
+}
+
+impl WanAttention {
+    /// CPU inference: `lin(x)` with its bias, the RMS norm across heads (`gamma`) and RoPE
+    /// applied to each output row while it is in cache (the q and k of [`Self::forward`]);
+    /// `None` where the kernels do not apply.
+    fn project(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        gamma: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        lin.forward_epilogue(
+            x,
+            Epilogue::RmsRope {
+                gamma,
+                eps: self.eps,
+                rope: rope.map(|(c, s)| (c, s)),
+                heads: self.heads,
+                tokens: x.dim(1)?,
+            },
+        )
+    }
+
+    /// CPU inference: the rest of [`Self::forward`] from the projected queries `q` `[B, N, D]`:
+    /// keys and values from `kv_in` (the context for cross-attention, else the input),
+    /// attention, output projection and `out`. `None` where the kernels do not apply.
+    fn attend(
+        &self,
+        q: &Tensor,
+        kv_in: &Tensor,
+        cross: bool,
+        key_bias: Option<&Tensor>,
+        rope: Option<&(Tensor, Tensor)>,
+        out: Out,
+    ) -> Result<Option<Tensor>> {
+        let Some(k) = self.project(&self.to_k, kv_in, &self.norm_k, rope)? else {
+            return Ok(None);
+        };
+        let (d, l) = (q.dim(2)?, kv_in.dim(1)?);
+        let scale = 1.0 / ((d / self.heads) as f64).sqrt();
+        let v = self.to_v.forward(kv_in)?;
+        // Cross-attention to a short text: the output projection folded into the values (an
+        // N·H·L·D product instead of N·D·D).
+        if let (true, Out::Residual(r), Some(wt)) = (cross, out, self.to_out.transposed()) {
+            if kernels::folding_pays(self.heads, l, d) {
+                return kernels::attention_out_folded(
+                    q,
+                    &k,
+                    &v,
+                    self.heads,
+                    scale,
+                    key_bias,
+                    wt,
+                    self.to_out.bias(),
+                    r,
+                )
+                .map(Some);
+            }
+        }
+        let o = kernels::attention_bnhd(q, &k, &v, self.heads, scale, key_bias)?;
+        match out {
+            Out::Residual(r) => self.to_out.forward_add(&o, r),
+            Out::Gated(r, gate) => self.to_out.forward_gated(&o, r, gate),
+        }
+        .map(Some)
     }
 }
 
@@ -217,7 +265,22 @@ impl WanBlock {
     ) -> Result<Tensor> {
         let e = self.scale_shift_table.broadcast_add(temb6)?;
         let x = self.self_attention(x, &e, rope)?;
-        self.cross_and_ffn(&x, context, key_bias, &e)
+        self.cross_and_ffn(&x, context, key_bias, &e, None)
+    }
+
+    /// CPU inference: the cross-attention's projected queries for `x` (the input of
+    /// [`Self::cross_and_ffn`]), for callers that share them between passes; `None` where the
+    /// kernels do not apply.
+    fn cross_query(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !kernels::usable(x) {
+            return Ok(None);
+        }
+        let h = match &self.norm2 {
+            Some((w, b)) => layer_norm(x, w, b, self.eps)?,
+            None => x.clone(),
+        };
+        self.attn2
+            .project(&self.attn2.to_q, &h, &self.attn2.norm_q, None)
     }
 
     /// The self-attention half: `x + gate·attn1(modulate(LN(x)))`. `e`: `[B, 6, D]` f32, the
@@ -234,26 +297,38 @@ impl WanBlock {
     }
 
     /// The rest of the block after [`Self::self_attention`]: cross-attention to the text and
-    /// the modulated FFN.
+    /// the modulated FFN. `q`: the cross-attention's queries for `x` if already projected
+    /// ([`Self::cross_query`]).
     fn cross_and_ffn(
         &self,
         x: &Tensor,
         context: &Tensor,
         key_bias: Option<&Tensor>,
         e: &Tensor,
+        q: Option<&Tensor>,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
         let m = |i: usize| e.narrow(1, i, 1);
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
-        let h = match &self.norm2 {
-            Some((w, b)) => {
-                layer_norm(&x.to_dtype(DType::F32)?, w, b, self.eps)?.to_dtype(dtype)?
-            }
-            None => x.clone(),
+        let shared = match q {
+            Some(q) => self
+                .attn2
+                .attend(q, context, true, key_bias, None, Out::Residual(x))?,
+            None => None,
         };
-        let x = self
-            .attn2
-            .forward(&h, Some(context), key_bias, None, Out::Residual(x))?;
+        let x = match shared {
+            Some(x) => x,
+            None => {
+                let h = match &self.norm2 {
+                    Some((w, b)) => {
+                        layer_norm(&x.to_dtype(DType::F32)?, w, b, self.eps)?.to_dtype(dtype)?
+                    }
+                    None => x.clone(),
+                };
+                self.attn2
+                    .forward(&h, Some(context), key_bias, None, Out::Residual(x))?
+            }
+        };
 
         let xf = x.to_dtype(DType::F32)?;
         let h = layer_norm_modulate(&xf, &c_shift, &c_scale, self.eps)?.to_dtype(dtype)?;
@@ -404,8 +479,8 @@ impl WanTransformer3DModel {
     /// same order; the same as [`Self::forward_embedded`] on `x` and `t` repeated `G` times.
     ///
     /// The text enters a block only at its cross-attention, so every pass shares the first
-    /// block's self-attention half (same latent, same timestep): it runs once, on `B` items,
-    /// and only then does the batch fan out. Not an approximation: the same ops on the same
+    /// block's self-attention half (same latent, same timestep) and its cross-attention's
+    /// queries: they run once, on `B` items, and only then does the batch fan out. Not an approximation: the same ops on the same
     /// numbers (equal up to float rounding where a GEMM blocks a smaller batch differently).
     /// At 4 layers that is an eighth of the self-attention work.
     pub fn forward_guided(
@@ -455,7 +530,10 @@ impl WanTransformer3DModel {
         } = self.inputs(x, t, ctx, offset)?;
         let e = first.scale_shift_table.broadcast_add(&temb6)?;
         let h = first.self_attention(&h, &e, &rope)?;
-        let mut h = first.cross_and_ffn(&fan(&h)?, &ctx, key_bias.as_ref(), &fan(&e)?)?;
+        // The cross-attention's queries come from this shared state too.
+        let q = first.cross_query(&h)?.map(|q| fan(&q)).transpose()?;
+        let mut h =
+            first.cross_and_ffn(&fan(&h)?, &ctx, key_bias.as_ref(), &fan(&e)?, q.as_ref())?;
         let temb6 = fan(&temb6)?;
         for block in rest {
             h = block.forward(&h, &ctx, key_bias.as_ref(), &temb6, &rope)?;
