@@ -3,15 +3,16 @@
 # when it is done): trains the VAE, encodes the synthetic dataset, fine-tunes the decoder,
 # trains the DiT and exports a model directory in the `--model DIR` layout.
 #
-# It replays the shipped DiT's (v6) two segments, both with object tokens weighted 11x and the
+# It replays the shipped DiT's (v7) three segments, all with object tokens weighted 11x and the
 # weighted set grown by one latent position (--dit-object-weight 10 --dit-object-dilate 1, the
-# recipe defaults); the second resumes the first's checkpoint with the cosine schedule
+# recipe defaults); each later one resumes the previous checkpoint with the cosine schedule
 # recomputed for the new total:
 #   1. 7,000 steps (the recipe's first `train all`);
-#   2. resumed to 11,000 steps.
+#   2. resumed to 11,000 steps (v6);
+#   3. resumed to 16,000 steps (v7).
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
 # loss (see weights/README.md), and float rounding depends on the number of batch shards.
-# About 1 h 40 min on 2 cores (VAE stages ~23 min, encode ~4 min, DiT 0.39 s/step).
+# About 2 h 7 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x 0.39 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,12 +29,14 @@ if [[ ! -f $out/work-dit/segment-7000-done ]]; then
     "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}"
     touch "$out/work-dit/segment-7000-done"
 fi
-if [[ ! -f $out/work-dit/segment-11000-done ]]; then
-    # The first segment exported its DiT; remove it (its checkpoint stays in work-dit/ckpt) so
-    # `train all` resumes the DiT instead of returning early.
-    rm -rf "$out/transformer"
-    "$sora" train all --out "$out" --dit-steps 11000 "${w[@]}"
-    touch "$out/work-dit/segment-11000-done"
-fi
+for steps in 11000 16000; do
+    if [[ ! -f $out/work-dit/segment-$steps-done ]]; then
+        # The previous segment exported its DiT; remove it (its checkpoint stays in
+        # work-dit/ckpt) so `train all` resumes the DiT instead of returning early.
+        rm -rf "$out/transformer"
+        "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}"
+        touch "$out/work-dit/segment-$steps-done"
+    fi
+done
 echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
     "$out/work-* $out/latents.safetensors $out/captions.json" >&2

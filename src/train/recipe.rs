@@ -130,7 +130,7 @@ impl Recipe {
             vae_lr: 2e-3,
             decoder_steps: 150,
             clips: 3000,
-            dit_steps: 11_000,
+            dit_steps: 16_000,
             dit_batch: 8,
             dit_lr: 5e-4,
             cfg_dropout: 0.1,
