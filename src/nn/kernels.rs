@@ -531,12 +531,25 @@ pub fn softmax_scaled(x: &Tensor, scale: f32) -> Result<Tensor> {
     let rows = rows_per_task(d) * d;
     out.par_chunks_mut(rows).for_each(|block| {
         for row in block.chunks_mut(d) {
-            let m = row_max(row) * scale;
-            let sum = exp_row(row, scale, m);
-            scale_row(row, 1.0 / sum);
+            softmax_row(row, scale, None);
         }
     });
     Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// `row ← softmax(row·scale + bias)` in place (finite input).
+fn softmax_row(row: &mut [f32], scale: f32, bias: Option<&[f32]>) {
+    let sum = match bias {
+        Some(b) => {
+            let m = scale_bias_row(row, scale, b);
+            exp_row(row, 1.0, m)
+        }
+        None => {
+            let m = row_max(row) * scale;
+            exp_row(row, scale, m)
+        }
+    };
+    scale_row(row, 1.0 / sum);
 }
 
 /// Gradient of GELU-tanh: `g · gelu'(x)` for f32 tensors of one shape (training backward).
@@ -944,17 +957,7 @@ pub fn attention_out_folded(
                 }
                 let kb = key_bias.as_deref().map(|kb| &kb[bi * l..(bi + 1) * l]);
                 for seg in dst.chunks_exact_mut(l) {
-                    let sum = match kb {
-                        Some(kb) => {
-                            let m = scale_bias_row(seg, scale, kb);
-                            exp_row(seg, 1.0, m)
-                        }
-                        None => {
-                            let m = row_max(seg) * scale;
-                            exp_row(seg, scale, m)
-                        }
-                    };
-                    scale_row(seg, 1.0 / sum);
+                    softmax_row(seg, scale, kb);
                 }
             });
             Ok(())
