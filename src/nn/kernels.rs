@@ -610,6 +610,122 @@ pub fn rope_bnhd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
+/// `dst = lhs·rhs` (`accumulate`: `dst += lhs·rhs`) for row-major operands: `lhs` `m×k` at row
+/// stride `lhs_rs`, `rhs` `k×n` at row stride `rhs_rs`, `dst` `m×n` at row stride `dst_rs`.
+///
+/// # Safety
+/// Each pointer must address its whole operand at its stride, and `dst` must not overlap the
+/// inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from the caller (column strides 1; alpha is ignored unless reading dst).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `dst = a·bᵀ` on the calling thread, for row-major `a` `m×k` (row stride `a_rs`), `b` `n×k`
+/// (row stride `b_rs`) and `dst` `m×n` (row stride `dst_rs`): attention scores `q·kᵀ`.
+///
+/// # Safety
+/// As [`gemm_rows`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_abt(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+) {
+    // SAFETY: forwarded from the caller; bᵀ is b read with its strides swapped.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            1,
+            a_rs as isize,
+            b,
+            b_rs as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out ← residual + bias` row by row (rows of `n`), in parallel; leaves `out` untouched and
+/// returns false when there is neither. The pre-fill a GEMM then accumulates into.
+fn prefill_rows(out: &mut [f32], n: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
+    if bias.is_none() && residual.is_none() {
+        return false;
+    }
+    let rpt = rows_per_task(n);
+    out.par_chunks_mut(rpt * n)
+        .enumerate()
+        .for_each(|(ti, rows)| {
+            let r0 = ti * rpt;
+            for (i, row) in rows.chunks_mut(n).enumerate() {
+                match (residual, bias) {
+                    (Some(rs), Some(b)) => {
+                        for ((o, &r), &bv) in row.iter_mut().zip(&rs[(r0 + i) * n..]).zip(b) {
+                            *o = r + bv;
+                        }
+                    }
+                    (Some(rs), None) => row.copy_from_slice(&rs[(r0 + i) * n..(r0 + i + 1) * n]),
+                    (None, Some(b)) => row.copy_from_slice(b),
+                    (None, None) => {}
+                }
+            }
+        });
+    true
+}
+
 /// Query rows per attention task.
 const ATT_BQ: usize = 256;
 /// Most key rows per online-softmax step; the keys are cut into equal steps of at most this
@@ -711,29 +827,7 @@ pub fn attention_bnhd(
                     let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
                     // S[rows, cols] = Q[rows, hd] · K[cols, hd]ᵀ (row stride of S: cols).
                     // SAFETY: pointers and strides stay inside q/k and the tile.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            cols,
-                            hd,
-                            s.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            false,
-                            qp,
-                            1,
-                            d as isize,
-                            kp,
-                            hd as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    unsafe { gemm_abt(rows, cols, hd, s.as_mut_ptr(), cols, qp, d, kp, hd) };
                     let kb = key_bias
                         .as_deref()
                         .map(|kb| &kb[bi * nk + k0..bi * nk + k0 + cols]);
@@ -760,25 +854,17 @@ pub fn attention_bnhd(
                     // acc[rows, hd] += P[rows, cols] · V[cols, hd]
                     // SAFETY: as above.
                     unsafe {
-                        gemm::gemm(
+                        gemm_rows(
                             rows,
                             hd,
                             cols,
                             acc.as_mut_ptr(),
-                            1,
-                            hd as isize,
-                            true,
+                            hd,
                             s.as_ptr(),
-                            1,
-                            cols as isize,
+                            cols,
                             vp,
-                            1,
-                            hd as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
+                            hd,
+                            true,
                             gemm::Parallelism::None,
                         );
                     }
@@ -886,24 +972,16 @@ pub fn attention_out_folded(
                     // SAFETY: V's head block is l×hd at row stride d, Wᵀ's rows h·hd.. are hd×dout
                     // row-major, dst is l×dout row-major.
                     unsafe {
-                        gemm::gemm(
+                        gemm_rows(
                             l,
                             dout,
                             hd,
                             dst.as_mut_ptr(),
-                            1,
-                            dout as isize,
-                            false,
+                            dout,
                             vs[bi * l * d + h * hd..].as_ptr(),
-                            1,
-                            d as isize,
+                            d,
                             ws[h * hd * dout..].as_ptr(),
-                            1,
-                            dout as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
+                            dout,
                             false,
                             gemm::Parallelism::None,
                         );
@@ -932,26 +1010,16 @@ pub fn attention_out_folded(
                     // S[rows, L] = Q_h · K_hᵀ into columns h·L.. of P (row stride H·L).
                     // SAFETY: strides stay inside q, k and this task's rows of P.
                     unsafe {
-                        gemm::gemm(
+                        gemm_abt(
                             rows,
                             l,
                             hd,
                             dst[h * l..].as_mut_ptr(),
-                            1,
-                            hl as isize,
-                            false,
+                            hl,
                             qs[(bi * nq + r0) * d + h * hd..].as_ptr(),
-                            1,
-                            d as isize,
+                            d,
                             ks[bi * l * d + h * hd..].as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            d,
                         );
                     }
                 }
@@ -965,44 +1033,24 @@ pub fn attention_out_folded(
     })?;
     // out = residual + bias + P·(V·Wᵀ), one GEMM per item accumulating into the pre-filled rows.
     let mut out = output_buffer(b * nq * dout);
-    let rpt = rows_per_task(dout);
     with_data(&residual, |rs| {
-        out.par_chunks_mut(rpt * dout)
-            .zip(rs.par_chunks(rpt * dout))
-            .for_each(|(o, r)| match &bias {
-                Some(bv) => {
-                    for (orow, rrow) in o.chunks_mut(dout).zip(r.chunks(dout)) {
-                        for ((ov, &rv), &bb) in orow.iter_mut().zip(rrow).zip(bv) {
-                            *ov = rv + bb;
-                        }
-                    }
-                }
-                None => o.copy_from_slice(r),
-            });
+        prefill_rows(&mut out, dout, bias.as_deref(), Some(rs));
         Ok(())
     })?;
     for bi in 0..b {
         // SAFETY: item bi's P is nq×hl, its V·Wᵀ hl×dout, its output rows nq×dout, row-major.
         unsafe {
-            gemm::gemm(
+            gemm_rows(
                 nq,
                 dout,
                 hl,
                 out[bi * nq * dout..].as_mut_ptr(),
-                1,
-                dout as isize,
-                true,
+                dout,
                 p[bi * nq * hl..].as_ptr(),
-                1,
-                hl as isize,
+                hl,
                 vw[bi * hl * dout..].as_ptr(),
-                1,
-                dout as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                dout,
+                true,
                 gemm::Parallelism::Rayon(0),
             );
         }
@@ -1194,25 +1242,17 @@ pub fn conv3d_shifted_gemm(
                         // planes from the band's first row (inside xp, plus the slack), n
                         // columns each; dst holds o·rows·wp ≥ o·n elements.
                         unsafe {
-                            gemm::gemm(
+                            gemm_rows(
                                 o,
                                 n,
                                 ktc,
                                 dst.as_mut_ptr(),
-                                1,
-                                n as isize,
-                                !first,
+                                n,
                                 lhs,
-                                1,
-                                ktc as isize,
+                                ktc,
                                 rhs,
-                                1,
-                                plane as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                plane,
+                                !first,
                                 gemm::Parallelism::None,
                             );
                         }
@@ -1341,35 +1381,12 @@ pub fn linear(
         }
     }
     let mut out = output_buffer(m * n);
-    let prefilled = bias.is_some() || residual.is_some();
-    let fill = |rows: &mut [f32], r0: usize, res: Option<&[f32]>| {
-        for (i, row) in rows.chunks_mut(n).enumerate() {
-            match (res, bias) {
-                (Some(rs), Some(b)) => {
-                    for ((o, &r), &bv) in row.iter_mut().zip(&rs[(r0 + i) * n..]).zip(b) {
-                        *o = r + bv;
-                    }
-                }
-                (Some(rs), None) => row.copy_from_slice(&rs[(r0 + i) * n..(r0 + i + 1) * n]),
-                (None, Some(b)) => row.copy_from_slice(b),
-                (None, None) => {}
-            }
-        }
-    };
-    let rpt = rows_per_task(n);
-    match &residual {
+    let prefilled = match &residual {
         Some(r) => with_data(r, |rs| {
-            out.par_chunks_mut(rpt * n)
-                .enumerate()
-                .for_each(|(ti, rows)| fill(rows, ti * rpt, Some(rs)));
-            Ok(())
+            Ok(prefill_rows(&mut out, n, bias.as_deref(), Some(rs)))
         })?,
-        None if prefilled => out
-            .par_chunks_mut(rpt * n)
-            .enumerate()
-            .for_each(|(ti, rows)| fill(rows, ti * rpt, None)),
-        None => {}
-    }
+        None => prefill_rows(&mut out, n, bias.as_deref(), None),
+    };
     ops.gemm_into(&mut out, prefilled)?;
     Tensor::from_vec(out, (m, n), ops.x.device())
 }
@@ -1423,25 +1440,17 @@ impl LinearOperands {
                 // SAFETY: dst is m×n row-major (read only when accumulating), lhs m×k and
                 // rhs k×n row-major, all in bounds.
                 unsafe {
-                    gemm::gemm(
+                    gemm_rows(
                         m,
                         n,
                         k,
                         out.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        accumulate,
+                        n,
                         xs.as_ptr(),
-                        1,
-                        k as isize,
+                        k,
                         ws.as_ptr(),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        n,
+                        accumulate,
                         gemm::Parallelism::Rayon(0),
                     );
                 }
