@@ -12,7 +12,7 @@
 #   3. resumed to 16,000 steps (v7).
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
 # loss (see weights/README.md), and float rounding depends on the number of batch shards.
-# About 2 h 7 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x 0.39 s/step).
+# About 1 h 52 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x ~0.34 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
