@@ -95,7 +95,8 @@ pub struct EvalArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Print the summary as JSON.
+    /// Print the summary as JSON, with every clip's verdicts and the measurements behind them
+    /// (colour coverage, centroid displacement, the shape classifier's features).
     #[arg(long)]
     pub json: bool,
     /// Also score the ceiling the model's VAE sets: the suites' scenes rendered (placed at

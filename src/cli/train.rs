@@ -13,7 +13,9 @@ use serde_json::json;
 use super::args::{EvalArgs, TrainArgs, TrainStage};
 use super::run::{resolve_model, EXIT_INTERRUPTED, EXIT_OK};
 use crate::pipeline::{generate, GenRequest, Silent, WanModel};
-use crate::train::eval::{prompt_suite, score, score_suite};
+use crate::train::eval::{
+    prompt_suite, score, score_clip, score_suite, ClipAnalysis, Score, SuiteSummary,
+};
 use crate::train::recipe::{
     encode_dataset, finetune_decoder, run_all, train_dit, train_vae, Recipe, StageOptions,
 };
@@ -170,6 +172,25 @@ fn vae_ceiling(
     Ok(score_suite(&scores))
 }
 
+/// One generated clip of [`eval_suites`]: its verdicts and what they were measured from.
+#[derive(Debug, Clone)]
+pub struct EvalClip {
+    /// "seen" or "held-out".
+    pub suite: &'static str,
+    pub prompt: String,
+    pub seed: u64,
+    pub score: Score,
+    pub analysis: ClipAnalysis,
+}
+
+/// What [`eval_suites`] measured: each suite's summary (with `ceiling`, each followed by its
+/// VAE ceiling) and every generated clip.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub suites: Vec<(String, SuiteSummary)>,
+    pub clips: Vec<EvalClip>,
+}
+
 /// Scores `model` on the seen and held-out prompt suites (`seeds` clips per prompt), each
 /// followed, with `ceiling`, by the VAE's ceiling on the same suite (see [`vae_ceiling`]).
 /// With `frames_out`, every clip's frames are written there as a PNG strip.
@@ -178,8 +199,9 @@ pub fn eval_suites(
     seeds: u64,
     ceiling: bool,
     frames_out: Option<&Path>,
-) -> Result<Vec<(String, crate::train::eval::SuiteSummary)>> {
+) -> Result<EvalReport> {
     let mut report = Vec::new();
+    let mut clips = Vec::new();
     for (label, split) in [("seen", Split::Train), ("held-out", Split::HeldOut)] {
         let mut scores = Vec::new();
         for (pi, prompt) in prompt_suite(split).iter().enumerate() {
@@ -187,7 +209,14 @@ pub fn eval_suites(
                 .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
             for seed in 0..seeds {
                 let frames = generate_frames(model, prompt, seed)?;
-                let s = score(&frames, &parsed);
+                let (s, analysis) = score_clip(&frames, &parsed);
+                clips.push(EvalClip {
+                    suite: label,
+                    prompt: prompt.clone(),
+                    seed,
+                    score: s,
+                    analysis,
+                });
                 if let Some(d) = frames_out {
                     let name = format!(
                         "{label}-{pi:02}-s{seed}-{}.png",
@@ -206,7 +235,35 @@ pub fn eval_suites(
             ));
         }
     }
-    Ok(report)
+    Ok(EvalReport {
+        suites: report,
+        clips,
+    })
+}
+
+/// One clip of `sora eval --json`.
+fn clip_json(c: &EvalClip) -> serde_json::Value {
+    let name = |s: Option<world::Shape>| s.map(|s| s.name());
+    let a = &c.analysis;
+    json!({
+        "suite": c.suite,
+        "prompt": c.prompt,
+        "seed": c.seed,
+        "color": c.score.color_present,
+        "shape": c.score.shape_correct,
+        "motion": c.score.motion_correct,
+        "all": c.score.all(),
+        "shape_asked": name(c.score.asked_shape),
+        "shape_seen": name(c.score.seen_shape),
+        "coverage": a.coverage,
+        "displacement": a.displacement.map(|(x, y)| [x, y]),
+        "shape_features": a.features.map(|f| json!({
+            "fill": f.fill,
+            "drop": f.drop,
+            "top_corners": f.top_corners,
+            "bottom_corners": f.bottom_corners,
+        })),
+    })
 }
 
 /// Runs `sora eval`; returns the exit status.
@@ -217,16 +274,20 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let t0 = Instant::now();
-    let report = eval_suites(&model, a.seeds, a.ceiling, a.frames_out.as_deref())?;
+    let EvalReport {
+        suites: report,
+        clips,
+    } = eval_suites(&model, a.seeds, a.ceiling, a.frames_out.as_deref())?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
+        let clips: Vec<serde_json::Value> = clips.iter().map(clip_json).collect();
         let v: Vec<serde_json::Value> = report
             .iter()
             .map(|(l, s)| json!({"split": l, "n": s.n, "color": s.color, "shape": s.shape, "motion": s.motion, "all": s.all, "shapes_asked_by_seen": s.shapes}))
             .collect();
         println!(
             "{}",
-            json!({"model": dir, "seeds": a.seeds, "seconds": secs, "suites": v})
+            json!({"model": dir, "seeds": a.seeds, "seconds": secs, "suites": v, "clips": clips})
         );
     } else {
         println!(

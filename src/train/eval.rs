@@ -71,6 +71,27 @@ pub struct ClipAnalysis {
     /// Blob centroid shift from the first to the last third of the clip, `(dx / width,
     /// dy / height)`, y down.
     pub displacement: Option<(f32, f32)>,
+    /// What the shape classifier measured, each the median over the frames where the blob is
+    /// present (None: never present).
+    pub features: Option<ShapeFeatures>,
+}
+
+/// The measurements the shape classifier compares with [`SHAPE_PROTOTYPES`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShapeFeatures {
+    /// Fraction of the bounding box the blob fills (disc π/4, square 1, triangle 1/2).
+    pub fill: f32,
+    /// Centroid drop below the box centre as a fraction of the box height (triangle 1/6).
+    pub drop: f32,
+    /// Mean coverage of the two top, and of the two bottom, corner cells (thirds × thirds).
+    pub top_corners: f32,
+    pub bottom_corners: f32,
+}
+
+impl ShapeFeatures {
+    fn to_array(self) -> [f32; 4] {
+        [self.fill, self.drop, self.top_corners, self.bottom_corners]
+    }
 }
 
 /// The largest 4-connected blob of a binary mask.
@@ -220,16 +241,22 @@ const SHAPE_PROTOTYPES: [(Shape, [f32; 4]); 3] = [
     (Shape::Triangle, [0.53, 1.0 / 6.0, 0.0, 0.8]),
 ];
 
-/// Classifies a blob by the nearest prototype in [`SHAPE_PROTOTYPES`] (drop weighted 1.5×).
-fn classify(b: &Blob) -> Shape {
+/// A blob's [`ShapeFeatures`].
+fn shape_features(b: &Blob) -> ShapeFeatures {
     let w = (b.x1 - b.x0 + 1) as f32;
     let h = (b.y1 - b.y0 + 1) as f32;
-    let fill = b.count as f32 / (w * h);
     let box_cy = 0.5 * (b.y0 + b.y1 + 1) as f32;
-    let drop = (b.cy - box_cy) / h;
-    let top = 0.5 * (b.corners[0] + b.corners[1]);
-    let bottom = 0.5 * (b.corners[2] + b.corners[3]);
-    let f = [fill, drop, top, bottom];
+    ShapeFeatures {
+        fill: b.count as f32 / (w * h),
+        drop: (b.cy - box_cy) / h,
+        top_corners: 0.5 * (b.corners[0] + b.corners[1]),
+        bottom_corners: 0.5 * (b.corners[2] + b.corners[3]),
+    }
+}
+
+/// Classifies a blob by the nearest prototype in [`SHAPE_PROTOTYPES`] (drop weighted 1.5×).
+fn classify(b: &Blob) -> Shape {
+    let f = shape_features(b).to_array();
     let cost = |p: &[f32; 4]| {
         (f[0] - p[0]).powi(2)
             + (1.5 * (f[1] - p[1])).powi(2)
@@ -255,6 +282,7 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
             coverage: 0.0,
             shape: None,
             displacement: None,
+            features: None,
         };
     }
     let area = |i: usize| (frames[i].width * frames[i].height).max(1) as f32;
@@ -274,6 +302,23 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
                 .unwrap_or(0)] += 1;
         }
     }
+    let measured: Vec<[f32; 4]> = present
+        .iter()
+        .filter_map(|&i| blobs[i].as_ref().map(|b| shape_features(b).to_array()))
+        .collect();
+    let features = (!measured.is_empty()).then(|| {
+        let median = |k: usize| {
+            let mut v: Vec<f32> = measured.iter().map(|f| f[k]).collect();
+            v.sort_by(f32::total_cmp);
+            v[v.len() / 2]
+        };
+        ShapeFeatures {
+            fill: median(0),
+            drop: median(1),
+            top_corners: median(2),
+            bottom_corners: median(3),
+        }
+    });
     let top = votes.iter().copied().max().unwrap_or(0);
     let shape = if top > 0 && votes.iter().filter(|&&v| v == top).count() == 1 {
         Shape::ALL
@@ -315,6 +360,7 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
         coverage,
         shape,
         displacement,
+        features,
     }
 }
 
@@ -333,10 +379,15 @@ pub fn motion_matches(displacement: (f32, f32), m: Motion) -> bool {
 
 /// Scores decoded frames (packed RGB24) against what the prompt asks of its first object.
 pub fn score(frames: &[RgbFrame], prompt: &ParsedPrompt) -> Score {
+    score_clip(frames, prompt).0
+}
+
+/// [`score`] with the measurements behind it.
+pub fn score_clip(frames: &[RgbFrame], prompt: &ParsedPrompt) -> (Score, ClipAnalysis) {
     let a = analyze_clip(frames, prompt.color);
     let color_present = a.coverage >= MIN_COVERAGE;
     let object_sized = color_present && a.coverage <= MAX_OBJECT_COVERAGE;
-    Score {
+    let s = Score {
         asked_shape: Some(prompt.shape),
         seen_shape: a.shape.filter(|_| object_sized),
         color_present,
@@ -344,7 +395,8 @@ pub fn score(frames: &[RgbFrame], prompt: &ParsedPrompt) -> Score {
         motion_correct: color_present
             && a.displacement
                 .is_some_and(|d| motion_matches(d, prompt.motion)),
-    }
+    };
+    (s, a)
 }
 
 /// Fractions of `results` passing each criterion (all zero for an empty suite).

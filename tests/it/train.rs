@@ -59,7 +59,8 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(frames, again);
 
     // `sora eval`: both suites, each followed by the VAE's ceiling on the same prompts.
-    let report = sora::cli::train::eval_suites(&model, 1, true, Some(&dir)).unwrap();
+    let full = sora::cli::train::eval_suites(&model, 1, true, Some(&dir)).unwrap();
+    let report = &full.suites;
     let labels: Vec<(&str, usize)> = report.iter().map(|(l, s)| (l.as_str(), s.n)).collect();
     assert_eq!(
         labels,
@@ -70,11 +71,37 @@ fn train_smoke_recipe_produces_a_loadable_model() {
             ("held-out (VAE)", 16)
         ]
     );
-    for (l, s) in &report {
+    for (l, s) in report {
         for v in [s.color, s.shape, s.motion, s.all] {
             assert!((0.0..=1.0).contains(&v), "{l}: {v}");
         }
         assert!(s.all <= s.color.min(s.shape).min(s.motion), "{l}: {s:?}");
+    }
+    // One record per generated clip (not the VAE-ceiling ones), agreeing with the summaries;
+    // a clip whose blob has a majority shape carries the classifier's features.
+    assert_eq!(full.clips.len(), 24 + 16);
+    for (label, s) in report.iter().filter(|(l, _)| !l.contains("VAE")) {
+        let clips: Vec<_> = full
+            .clips
+            .iter()
+            .filter(|c| c.suite == label.as_str())
+            .collect();
+        assert_eq!(clips.len(), s.n, "{label}");
+        let frac = |f: &dyn Fn(&sora::train::eval::Score) -> bool| {
+            clips.iter().filter(|c| f(&c.score)).count() as f32 / s.n as f32
+        };
+        assert_eq!(frac(&|x| x.all()), s.all, "{label}");
+        assert_eq!(frac(&|x| x.shape_correct), s.shape, "{label}");
+        for c in &clips {
+            if c.analysis.shape.is_some() {
+                let f = c
+                    .analysis
+                    .features
+                    .expect("features where a shape was classified");
+                assert!(f.fill > 0.0 && f.fill <= 1.0, "{}: {f:?}", c.prompt);
+                assert!((0.0..=1.0).contains(&f.top_corners), "{}: {f:?}", c.prompt);
+            }
+        }
     }
     // The VAE-ceiling strips land beside the generated ones (names are slugs, cut to length).
     assert!(std::fs::read_dir(&dir).unwrap().any(|e| e

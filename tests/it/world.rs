@@ -8,7 +8,9 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sora::models::umt5::Umt5Tokenizer;
-use sora::train::eval::{add_uniform_noise, box_blur3, prompt_suite, score, score_suite, Score};
+use sora::train::eval::{
+    add_uniform_noise, box_blur3, prompt_suite, score, score_clip, score_suite, Score,
+};
 use sora::train::tokenizer::{build_tokenizer, save_tokenizer};
 use sora::train::world::{
     all_captions, canonical_caption, caption, is_held_out, parse_prompt, render_clip_f32,
@@ -467,6 +469,43 @@ fn world_scorer_knows_decoded_shapes() {
             assert!(!wrong.shape_correct, "{file} passed as {other:?}");
         }
     }
+}
+
+#[test]
+fn world_scorer_reports_the_shape_features_it_classified() {
+    // Rendered ideal shapes: the per-clip medians `sora eval --json` reports sit near each
+    // shape's prototype (fill of the box: square 1, disc π/4, triangle 1/2; the triangle's
+    // centroid below the box centre; its top corners empty).
+    for (shape, fill, drop) in [
+        (Shape::Square, 1.0, 0.0),
+        (Shape::Circle, std::f32::consts::FRAC_PI_4, 0.0),
+        (Shape::Triangle, 0.5, 1.0 / 6.0),
+    ] {
+        let s = sora::train::world::single_object_scene(
+            (Color::Yellow, shape, Motion::Down),
+            Background::Navy,
+            W,
+            H,
+            F,
+        );
+        let p = parse_prompt(&canonical_caption(&s)).unwrap();
+        let (sc, a) = score_clip(&render_frames(&s, W, H, F), &p);
+        assert!(sc.all(), "{shape:?}: {sc:?}");
+        let f = a.features.expect("an object was present");
+        assert!((f.fill - fill).abs() < 0.1, "{shape:?}: {f:?}");
+        assert!((f.drop - drop).abs() < 0.05, "{shape:?}: {f:?}");
+        let (top, bottom) = match shape {
+            Shape::Square => (0.85..=1.0, 0.85..=1.0),
+            Shape::Circle => (0.4..=0.7, 0.4..=0.7),
+            Shape::Triangle => (0.0..=0.15, 0.6..=1.0),
+        };
+        assert!(
+            top.contains(&f.top_corners) && bottom.contains(&f.bottom_corners),
+            "{shape:?}: {f:?}"
+        );
+    }
+    let empty = score_clip(&[], &parse_prompt("a red circle moving right").unwrap()).1;
+    assert_eq!(empty.features, None);
 }
 
 #[test]
