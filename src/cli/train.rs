@@ -14,7 +14,7 @@ use super::args::{EvalArgs, TrainArgs, TrainStage};
 use super::run::{resolve_model, EXIT_INTERRUPTED, EXIT_OK};
 use crate::pipeline::{generate, GenRequest, Silent, WanModel};
 use crate::train::eval::{
-    prompt_suite, score, score_clip, score_suite, ClipAnalysis, Score, SuiteSummary,
+    prompt_suite, score_clip, score_suite, ClipAnalysis, Score, SuiteSummary,
 };
 use crate::train::recipe::{
     encode_dataset, finetune_decoder, run_all, train_dit, train_vae, Recipe, StageOptions,
@@ -134,8 +134,9 @@ fn vae_ceiling(
     model: &WanModel,
     split: Split,
     seeds: u64,
-    label: &str,
+    label: &'static str,
     frames_out: Option<&Path>,
+    clips: &mut Vec<EvalClip>,
 ) -> Result<crate::train::eval::SuiteSummary> {
     use rand::SeedableRng;
     let defaults = &model.defaults;
@@ -166,7 +167,16 @@ fn vae_ceiling(
                 );
                 write_png(&dir.join(name), &strip(&frames))?;
             }
-            scores.push(score(&frames, &p));
+            let (s, analysis) = score_clip(&frames, &p);
+            clips.push(EvalClip {
+                suite: label,
+                vae_ceiling: true,
+                prompt: prompt.clone(),
+                seed,
+                score: s,
+                analysis,
+            });
+            scores.push(s);
         }
     }
     Ok(score_suite(&scores))
@@ -177,6 +187,8 @@ fn vae_ceiling(
 pub struct EvalClip {
     /// "seen" or "held-out".
     pub suite: &'static str,
+    /// A VAE-ceiling clip (the scene rendered, encoded and decoded; no DiT), not a generated one.
+    pub vae_ceiling: bool,
     pub prompt: String,
     pub seed: u64,
     pub score: Score,
@@ -184,7 +196,7 @@ pub struct EvalClip {
 }
 
 /// What [`eval_suites`] measured: each suite's summary (with `ceiling`, each followed by its
-/// VAE ceiling) and every generated clip.
+/// VAE ceiling) and every clip behind them.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
     pub suites: Vec<(String, SuiteSummary)>,
@@ -212,6 +224,7 @@ pub fn eval_suites(
                 let (s, analysis) = score_clip(&frames, &parsed);
                 clips.push(EvalClip {
                     suite: label,
+                    vae_ceiling: false,
                     prompt: prompt.clone(),
                     seed,
                     score: s,
@@ -231,7 +244,7 @@ pub fn eval_suites(
         if ceiling {
             report.push((
                 format!("{label} (VAE)"),
-                vae_ceiling(model, split, seeds, label, frames_out)?,
+                vae_ceiling(model, split, seeds, label, frames_out, &mut clips)?,
             ));
         }
     }
@@ -247,6 +260,7 @@ fn clip_json(c: &EvalClip) -> serde_json::Value {
     let a = &c.analysis;
     json!({
         "suite": c.suite,
+        "vae_ceiling": c.vae_ceiling,
         "prompt": c.prompt,
         "seed": c.seed,
         "color": c.score.color_present,

@@ -77,14 +77,18 @@ fn train_smoke_recipe_produces_a_loadable_model() {
         }
         assert!(s.all <= s.color.min(s.shape).min(s.motion), "{l}: {s:?}");
     }
-    // One record per generated clip (not the VAE-ceiling ones), agreeing with the summaries;
-    // a clip whose blob has a majority shape carries the classifier's features.
-    assert_eq!(full.clips.len(), 24 + 16);
-    for (label, s) in report.iter().filter(|(l, _)| !l.contains("VAE")) {
+    // One record per clip (generated and VAE-ceiling), agreeing with the summaries; a clip
+    // whose blob has a majority shape carries the classifier's features.
+    assert_eq!(full.clips.len(), 2 * (24 + 16));
+    for (label, s) in report {
+        let (suite, vae) = match label.strip_suffix(" (VAE)") {
+            Some(l) => (l, true),
+            None => (label.as_str(), false),
+        };
         let clips: Vec<_> = full
             .clips
             .iter()
-            .filter(|c| c.suite == label.as_str())
+            .filter(|c| c.suite == suite && c.vae_ceiling == vae)
             .collect();
         assert_eq!(clips.len(), s.n, "{label}");
         let frac = |f: &dyn Fn(&sora::train::eval::Score) -> bool| {
