@@ -137,7 +137,7 @@ fn vae_ceiling(
     label: &'static str,
     frames_out: Option<&Path>,
     clips: &mut Vec<EvalClip>,
-) -> Result<crate::train::eval::SuiteSummary> {
+) -> Result<SuiteSummary> {
     use rand::SeedableRng;
     let defaults = &model.defaults;
     let mut scores = Vec::new();
@@ -182,7 +182,8 @@ fn vae_ceiling(
     Ok(score_suite(&scores))
 }
 
-/// One generated clip of [`eval_suites`]: its verdicts and what they were measured from.
+/// One clip of [`eval_suites`] (generated, or a VAE-ceiling one): its verdicts and what they
+/// were measured from.
 #[derive(Debug, Clone)]
 pub struct EvalClip {
     /// "seen" or "held-out".

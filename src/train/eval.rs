@@ -254,9 +254,10 @@ fn shape_features(b: &Blob) -> ShapeFeatures {
     }
 }
 
-/// Classifies a blob by the nearest prototype in [`SHAPE_PROTOTYPES`] (drop weighted 1.5×).
-fn classify(b: &Blob) -> Shape {
-    let f = shape_features(b).to_array();
+/// Classifies a blob's features by the nearest prototype in [`SHAPE_PROTOTYPES`] (drop
+/// weighted 1.5×).
+fn classify(f: ShapeFeatures) -> Shape {
+    let f = f.to_array();
     let cost = |p: &[f32; 4]| {
         (f[0] - p[0]).powi(2)
             + (1.5 * (f[1] - p[1])).powi(2)
@@ -268,6 +269,12 @@ fn classify(b: &Blob) -> Shape {
         .min_by(|a, b| cost(&a.1).total_cmp(&cost(&b.1)))
         .map(|p| p.0)
         .unwrap_or(Shape::Circle)
+}
+
+/// The middle value of non-empty `v` (the upper one of the two middles for an even count).
+fn upper_median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Measures the asked colour's blob in every frame: coverage, majority shape, displacement.
@@ -288,35 +295,29 @@ pub fn analyze_clip(frames: &[RgbFrame], color: Color) -> ClipAnalysis {
     let area = |i: usize| (frames[i].width * frames[i].height).max(1) as f32;
     let frac = |i: usize| blobs[i].as_ref().map_or(0.0, |b| b.count as f32 / area(i));
     let (m0, m1) = (n / 4, (n - n / 4).max(n / 4 + 1));
-    let mut mid: Vec<f32> = (m0..m1).map(frac).collect();
-    mid.sort_by(f32::total_cmp);
-    let coverage = mid[mid.len() / 2];
+    let coverage = upper_median((m0..m1).map(frac).collect());
 
     let present: Vec<usize> = (0..n).filter(|&i| frac(i) >= 0.5 * MIN_COVERAGE).collect();
-    let mut votes = [0usize; 3];
-    for &i in &present {
-        if let Some(b) = &blobs[i] {
-            votes[Shape::ALL
-                .iter()
-                .position(|s| *s == classify(b))
-                .unwrap_or(0)] += 1;
-        }
-    }
-    let measured: Vec<[f32; 4]> = present
+    // Each present frame's features, measured once: its vote, then the clip's medians.
+    let measured: Vec<ShapeFeatures> = present
         .iter()
-        .filter_map(|&i| blobs[i].as_ref().map(|b| shape_features(b).to_array()))
+        .filter_map(|&i| blobs[i].as_ref().map(shape_features))
         .collect();
+    let mut votes = [0usize; 3];
+    for f in &measured {
+        votes[Shape::ALL
+            .iter()
+            .position(|s| *s == classify(*f))
+            .unwrap_or(0)] += 1;
+    }
     let features = (!measured.is_empty()).then(|| {
-        let median = |k: usize| {
-            let mut v: Vec<f32> = measured.iter().map(|f| f[k]).collect();
-            v.sort_by(f32::total_cmp);
-            v[v.len() / 2]
-        };
+        let median =
+            |pick: fn(&ShapeFeatures) -> f32| upper_median(measured.iter().map(pick).collect());
         ShapeFeatures {
-            fill: median(0),
-            drop: median(1),
-            top_corners: median(2),
-            bottom_corners: median(3),
+            fill: median(|f| f.fill),
+            drop: median(|f| f.drop),
+            top_corners: median(|f| f.top_corners),
+            bottom_corners: median(|f| f.bottom_corners),
         }
     });
     let top = votes.iter().copied().max().unwrap_or(0);
