@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// (0: the object's positions only).
     #[arg(long, value_name = "N")]
     pub dit_object_dilate: Option<usize>,
+    /// Override the shift of the DiT's logit-normal training noise level σ (`s·σ/(1+(s−1)·σ)`;
+    /// 1: unshifted, median σ 0.5; above 1 trains more at high noise).
+    #[arg(long, value_name = "S")]
+    pub dit_sigma_shift: Option<f64>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

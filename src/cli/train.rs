@@ -49,6 +49,12 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
     if let Some(d) = a.dit_object_dilate {
         r.dit_object_dilate = d;
     }
+    if let Some(s) = a.dit_sigma_shift {
+        if !(s.is_finite() && s > 0.0) {
+            anyhow::bail!("--dit-sigma-shift must be a finite number > 0, got {s}");
+        }
+        r.dit_sigma_shift = s;
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }

@@ -134,6 +134,81 @@ fn kernel_attention_matches_composed_attention() {
     }
 }
 
+/// The kernel shifts scores by a Cauchy–Schwarz bound instead of their maximum; a key far
+/// longer than the rest but orthogonal to every query makes that bound ~1,000 above the real
+/// scores, where every term would vanish in f32. The kernel must notice and take the exact
+/// maxima (one key step and three, with and without a key bias).
+#[test]
+fn kernel_attention_is_exact_when_the_score_bound_is_loose() {
+    let (b, h, hd) = (2, 2, 32);
+    for (nq, nk, with_bias) in [(300, 40, false), (300, 2701, false), (70, 1100, true)] {
+        // Queries in the first half of each head's dims, one long key in the second half.
+        let mask: Vec<f32> = (0..h * hd)
+            .map(|i| if i % hd < hd / 2 { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, h * hd, &candle_core::Device::Cpu).unwrap();
+        let q = randn(21, &[b, nq, h * hd]).broadcast_mul(&mask).unwrap();
+        let mut kv = randn(22, &[b, nk, h * hd]).to_vec3::<f32>().unwrap();
+        for batch in kv.iter_mut() {
+            for (i, x) in batch[7].iter_mut().enumerate() {
+                *x = if i % hd < hd / 2 { 0.0 } else { 300.0 };
+            }
+        }
+        let k = Tensor::new(kv, &candle_core::Device::Cpu).unwrap();
+        let v = randn(23, &[b, nk, h * hd]);
+        let bias = with_bias.then(|| (randn(24, &[b, nk]).abs().unwrap() * 2.0).unwrap());
+        let scale = 1.0 / (hd as f64).sqrt();
+        let got = kernels::attention_bnhd(&q, &k, &v, h, scale, bias.as_ref()).unwrap();
+        let split = |t: &Tensor, n: usize| split_heads(t, b, n, h, hd);
+        let want = sora::nn::attention::attention(
+            &split(&q, nq),
+            &split(&k, nk),
+            &split(&v, nk),
+            scale,
+            bias.as_ref()
+                .map(|b_| b_.reshape((b, 1, 1, nk)).unwrap())
+                .as_ref(),
+        )
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, nq, h * hd))
+        .unwrap();
+        // f64 reference: the kernel must be at least as close to it as the composed f32 path.
+        let exact = {
+            let f = |t: &Tensor, n: usize| split(t, n).to_dtype(DType::F64).unwrap();
+            let mut s = (f(&q, nq).matmul(&f(&k, nk).t().unwrap()).unwrap() * scale).unwrap();
+            if let Some(bias) = &bias {
+                let bias = bias
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .reshape((b, 1, 1, nk))
+                    .unwrap();
+                s = s.broadcast_add(&bias).unwrap();
+            }
+            candle_nn::ops::softmax(&s, D::Minus1)
+                .unwrap()
+                .matmul(&f(&v, nk))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, nq, h * hd))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let err_kernel = crate::common::max_abs_diff(&got, &exact);
+        let err_candle = crate::common::max_abs_diff(&want, &exact);
+        println!(
+            "loose bound {nq}×{nk} vs f64: kernel {err_kernel:.2e}, composed {err_candle:.2e}"
+        );
+        assert!(
+            err_kernel <= 1.5 * err_candle.max(1e-6),
+            "loose bound {nq}×{nk}: kernel {err_kernel:.2e} vs composed {err_candle:.2e}"
+        );
+    }
+}
+
 #[test]
 fn kernel_norms_gelu_gate_and_rope_match_composed_ops() {
     let eps = 1e-6;
