@@ -679,7 +679,7 @@ fn cli_long_clip_uses_temporal_windows_and_is_exact() {
 }
 
 #[test]
-fn train_rejects_a_negative_object_weight_before_touching_the_directory() {
+fn train_rejects_a_bad_object_weight_or_sigma_shift_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
     let (code, _, stderr) = run(sora()
@@ -691,10 +691,19 @@ fn train_rejects_a_negative_object_weight_before_touching_the_directory() {
         "{stderr}"
     );
     assert!(!out.exists(), "nothing is created for a rejected run");
+    let (code, _, stderr) = run(sora()
+        .args(["train", "dit", "--dit-sigma-shift", "0", "--out"])
+        .arg(&out));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--dit-sigma-shift") && stderr.contains("got 0"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is created for a rejected run");
 }
 
 #[test]
-fn train_object_weight_flag_reaches_the_recipe() {
+fn train_object_weight_and_sigma_shift_flags_reach_the_recipe() {
     let d = tmp("train-weight");
     let out = d.join("run");
     let (code, _, stderr) = run(sora()
@@ -705,6 +714,8 @@ fn train_object_weight_flag_reaches_the_recipe() {
             "--quiet",
             "--dit-object-weight",
             "0",
+            "--dit-sigma-shift",
+            "1.5",
             "--out",
         ])
         .arg(&out));
@@ -712,6 +723,7 @@ fn train_object_weight_flag_reaches_the_recipe() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
     assert_eq!(r["dit_object_weight"], 0.0, "{r}");
+    assert_eq!(r["dit_sigma_shift"], 1.5, "{r}");
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());
