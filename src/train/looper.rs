@@ -171,7 +171,7 @@ pub fn train_loop(
 
 /// Runs forward and backward of every shard (in parallel when there are several) and returns the
 /// summed loss and the summed gradients of `params`.
-fn sharded_grads(
+pub fn sharded_grads(
     params: &Params,
     shards: usize,
     loss_fn: &(dyn Fn(Shard) -> Result<Tensor> + Sync),

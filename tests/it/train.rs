@@ -295,23 +295,26 @@ fn train_checkpoint_resumes_exactly() {
 }
 
 /// Data-parallel steps: the batch cut into shards that run forward and backward on their own
-/// threads, their gradients summed, trains exactly like the whole batch at once (up to float
-/// rounding), with the weighted flow-matching loss normalised over the whole batch.
+/// threads, their gradients summed, gives the whole batch's gradients (up to float rounding)
+/// and the same loss and gradient norm at every step of a short run, with the weighted
+/// flow-matching loss normalised over the whole batch.
 #[test]
 fn train_shards_sum_to_the_whole_batch() {
-    use sora::train::looper::Shard;
+    use sora::train::looper::{sharded_grads, Shard};
     use sora::train::recipe::{flow_matching_loss_part, flow_matching_norm};
-    let snapshot = |vm: &VarMap| -> Vec<f32> {
-        params(vm)
-            .iter()
-            .flat_map(|(_, v)| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
+    // The first step's summed gradients, per parameter.
+    let grads = |ps: &sora::train::optim::Params, g: &candle_core::backprop::GradStore| {
+        ps.iter()
+            .map(|(name, v)| {
+                let t = g
+                    .get(v.as_tensor())
+                    .expect("every parameter gets a gradient");
+                (
+                    name.clone(),
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
             })
-            .collect()
+            .collect::<Vec<_>>()
     };
     // Uneven weights, so a per-shard normaliser would give a different loss.
     let wts = Tensor::arange(0f32, 4.0 * 2.0 * 8.0 * 8.0, &Device::Cpu)
@@ -337,12 +340,15 @@ fn train_shards_sum_to_the_whole_batch() {
             let v = dit.forward(&xt, &(sig * 1000.0).unwrap(), &ctx).unwrap();
             Ok(flow_matching_loss_part(&v, &(noise - x0).unwrap(), Some(&w), norm).unwrap())
         };
+        let ps = params(&vm);
+        let (_, g) = sharded_grads(&ps, shards, &|shard| loss(0, shard)).unwrap();
+        let g = grads(&ps, &g);
         let c = LoopConfig { shards, ..cfg(4) };
-        let out = train_loop(&c, &params(&vm), &tmp(name), &|| false, &loss).unwrap();
-        (out.log, snapshot(&vm))
+        let out = train_loop(&c, &ps, &tmp(name), &|| false, &loss).unwrap();
+        (out.log, g)
     };
-    let (log1, p1) = run(1, "shards-1");
-    let (log3, p3) = run(3, "shards-3");
+    let (log1, g1) = run(1, "shards-1");
+    let (log3, g3) = run(3, "shards-3");
     assert_eq!(Shard { index: 1, count: 3 }.rows(4), 1..2);
     assert_eq!(Shard { index: 2, count: 3 }.rows(4), 2..4);
     for (a, b) in log1.iter().zip(&log3) {
@@ -355,15 +361,28 @@ fn train_shards_sum_to_the_whole_batch() {
         );
         assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * a.grad_norm.abs());
     }
-    let err = p1
-        .iter()
-        .zip(&p3)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    eprintln!("sharded vs whole batch after 4 steps: max parameter difference {err:.2e}");
+    // Gradients, not parameters after the steps: AdamW's first steps move an element by about
+    // ±lr whatever its gradient's size, so an element whose gradient is near zero follows the
+    // sign of its rounding noise, which the shard split changes (then a few of ~10⁵ elements
+    // end up to the summed step sizes apart, and the next steps' gradients follow them).
+    let mut worst = (0f32, String::new());
+    for ((name, a), (_, b)) in g1.iter().zip(&g3) {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let e = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    eprintln!(
+        "sharded vs whole batch, first-step gradients: max difference {:.2e} of the tensor's \
+         largest gradient, in {}",
+        worst.0, worst.1
+    );
     assert!(
-        err <= 1e-5,
-        "sharded training diverged from the whole batch by {err}"
+        worst.0 <= 1e-4,
+        "sharded gradients differ from the whole batch's by {:.2e} (relative) in {}",
+        worst.0,
+        worst.1
     );
     assert_eq!(log3.len(), 4);
 }
