@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// 1: unshifted, median σ 0.5; above 1 trains more at high noise).
     #[arg(long, value_name = "S")]
     pub dit_sigma_shift: Option<f64>,
+    /// Override the DiT's number of transformer blocks (the recipe's: 4).
+    #[arg(long, value_name = "N")]
+    pub dit_layers: Option<usize>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

@@ -55,6 +55,12 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         }
         r.dit_sigma_shift = s;
     }
+    if let Some(n) = a.dit_layers {
+        if n == 0 {
+            anyhow::bail!("--dit-layers must be at least 1, got 0");
+        }
+        r.dit.num_layers = n;
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }

@@ -679,7 +679,7 @@ fn cli_long_clip_uses_temporal_windows_and_is_exact() {
 }
 
 #[test]
-fn train_rejects_a_bad_object_weight_or_sigma_shift_before_touching_the_directory() {
+fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
     let (code, _, stderr) = run(sora()
@@ -700,10 +700,19 @@ fn train_rejects_a_bad_object_weight_or_sigma_shift_before_touching_the_director
         "{stderr}"
     );
     assert!(!out.exists(), "nothing is created for a rejected run");
+    let (code, _, stderr) = run(sora()
+        .args(["train", "dit", "--dit-layers", "0", "--out"])
+        .arg(&out));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--dit-layers") && stderr.contains("got 0"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is created for a rejected run");
 }
 
 #[test]
-fn train_object_weight_and_sigma_shift_flags_reach_the_recipe() {
+fn train_dit_override_flags_reach_the_recipe() {
     let d = tmp("train-weight");
     let out = d.join("run");
     let (code, _, stderr) = run(sora()
@@ -716,6 +725,8 @@ fn train_object_weight_and_sigma_shift_flags_reach_the_recipe() {
             "0",
             "--dit-sigma-shift",
             "1.5",
+            "--dit-layers",
+            "3",
             "--out",
         ])
         .arg(&out));
@@ -724,6 +735,7 @@ fn train_object_weight_and_sigma_shift_flags_reach_the_recipe() {
         serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
     assert_eq!(r["dit_object_weight"], 0.0, "{r}");
     assert_eq!(r["dit_sigma_shift"], 1.5, "{r}");
+    assert_eq!(r["dit"]["num_layers"], 3, "{r}");
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());
