@@ -224,24 +224,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// Sum of squares of a row (16 lanes, so it vectorises).
-    fn sum_squares(x: &[f32]) -> f32 {
-        let mut acc = [0f32; 16];
-        let mut chunks = x.chunks_exact(16);
-        for c in &mut chunks {
-            for i in 0..16 {
-                acc[i] = madd::<FMA>(c[i], c[i], acc[i]);
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for &v in chunks.remainder() {
-            s += v * v;
-        }
-        s
-    }
-}
-
-multiversion! {
     /// Folds the column maxima of `x·scale + bias[key]` over a `[keys, rows]` score tile (row
     /// stride `rows`, one row per key) into `m`: a plain compare per element, vectorised across
     /// the columns (NaN-free input).
@@ -848,8 +830,9 @@ const ATT_BK: usize = 1280;
 /// returns `[B, Nq, H·Dh]`. Each task takes 256 query rows of one head; scores for one key
 /// step (the keys cut into equal steps of at most 1,280) come from one GEMM into a thread-local
 /// tile (at most 1.25 MiB; tile shapes 64–512 × 256–2,048 all measured within noise of each
-/// other at n = 2,048), an online softmax updates them in place, and a second GEMM accumulates
-/// `P·V`. Memory is O(tile), whatever N.
+/// other at n = 2,048), stored transposed (`Sᵀ`, one row per key), an online softmax updates
+/// them in place down the columns, and a second GEMM accumulates `P·V`, reading the tile as a
+/// column-major `P`. Memory is O(tile), whatever N.
 pub fn attention_bnhd(
     q: &Tensor,
     k: &Tensor,
@@ -884,48 +867,29 @@ pub fn attention_bnhd(
     // Each head's keys and values as dense [Nk, Dh] blocks: in the [B, N, H·Dh] layout a
     // head's rows sit a power-of-two stride apart, which maps them onto a few L1 sets.
     // (Measured: 8% faster at 1280 and 2048 tokens, head dim 64.) Costs as much memory as K
-    // and V. Also each head's largest key norm, for the score bound below.
+    // and V.
     let mut kpk = output_buffer(b * heads * nk * hd);
     let mut vpk = output_buffer(b * heads * nk * hd);
-    let mut kmax = vec![0f32; b * heads];
     with_data(&k, |ks| {
         with_data(&v, |vs| {
             kpk.par_chunks_mut(nk * hd)
                 .zip(vpk.par_chunks_mut(nk * hd))
-                .zip(kmax.par_iter_mut())
                 .enumerate()
-                .for_each(|(i, ((kd, vd), km))| {
+                .for_each(|(i, (kd, vd))| {
                     let base = (i / heads) * nk * d + (i % heads) * hd;
                     for c in 0..nk {
                         let src = base + c * d..base + c * d + hd;
                         kd[c * hd..(c + 1) * hd].copy_from_slice(&ks[src.clone()]);
                         vd[c * hd..(c + 1) * hd].copy_from_slice(&vs[src]);
                     }
-                    *km = kd
-                        .chunks_exact(hd)
-                        .map(sum_squares)
-                        .fold(0.0, f32::max)
-                        .sqrt();
                 });
             Ok(())
         })
     })?;
-    // Each batch's largest key bias.
-    let bias_max: Vec<f32> = (0..b)
-        .map(|bi| match &key_bias {
-            Some(kb) => kb[bi * nk..(bi + 1) * nk]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max),
-            None => 0.0,
-        })
-        .collect();
     let qblocks = nq.div_ceil(ATT_BQ);
     let kstep = nk.div_ceil(nk.div_ceil(ATT_BK).max(1)).max(1);
     let tasks = b * heads * qblocks;
     let scale = scale as f32;
-    // Set once a task's bound proved too loose: the remaining tasks take the exact maxima.
-    let exact_only = std::sync::atomic::AtomicBool::new(false);
     let mut out = output_buffer(q.elem_count());
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_data(&q, |qs| {
@@ -946,84 +910,58 @@ pub fn attention_bnhd(
                 let (m, rest) = st.split_at_mut(ATT_BQ);
                 let (l, rest) = rest.split_at_mut(ATT_BQ);
                 let (m_new, part) = rest.split_at_mut(ATT_BQ);
-                let qoff = bi * nq * d + q0 * d + h * hd;
-                let qp = qs[qoff..].as_ptr();
-                // Scores are shifted by an upper bound per query before the exp, instead of
-                // their exact maximum: by Cauchy–Schwarz `scale·q·k + bias ≤ scale·|q|·max|k| +
-                // max bias`. That skips a pass over the score tile and the online softmax's
-                // rescaling; the shift cancels in the normalisation. A bound looser than ~27
-                // would leave every term of a row below 1e-12 (precision lost to the f32
-                // range), so such a task is redone with the exact maxima, as are the tasks
-                // after it.
-                let mut bounded = !exact_only.load(std::sync::atomic::Ordering::Relaxed);
-                loop {
-                    if bounded {
-                        let km = kmax[bi * heads + h];
-                        for (r, mv) in m[..rows].iter_mut().enumerate() {
-                            let qr = &qs[qoff + r * d..qoff + r * d + hd];
-                            *mv = scale * sum_squares(qr).sqrt() * km + bias_max[bi];
+                m[..rows].fill(f32::NEG_INFINITY);
+                l[..rows].fill(0.0);
+                acc[..rows * hd].fill(0.0);
+                let qp = qs[bi * nq * d + q0 * d + h * hd..].as_ptr();
+                let mut k0 = 0;
+                while k0 < nk {
+                    let cols = kstep.min(nk - k0);
+                    let o = (bi * heads + h) * nk * hd + k0 * hd;
+                    let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
+                    let tile = &mut s[..cols * rows];
+                    // Sᵀ[cols, rows] = K[cols, hd] · Q[rows, hd]ᵀ, keys down the tile: the GEMM
+                    // then packs only the query block, not the keys, and the softmax runs down
+                    // columns, vectorised across queries.
+                    // SAFETY: pointers and strides stay inside q/k and the tile.
+                    unsafe {
+                        gemm_strided(
+                            (cols, rows, hd),
+                            (tile.as_mut_ptr(), rows, 1),
+                            false,
+                            (kp, hd, 1),
+                            (qp, 1, d),
+                        )
+                    };
+                    let kb = key_bias
+                        .as_deref()
+                        .map(|kb| &kb[bi * nk + k0..bi * nk + k0 + cols]);
+                    // Online softmax: fold this step's column maxima in, rescale what came
+                    // before.
+                    m_new[..rows].copy_from_slice(&m[..rows]);
+                    col_max(tile, rows, scale, kb, m_new);
+                    for r in 0..rows {
+                        let alpha = exp_f32(m[r] - m_new[r]);
+                        l[r] *= alpha;
+                        m[r] = m_new[r];
+                        if alpha != 1.0 {
+                            scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
                         }
-                    } else {
-                        m[..rows].fill(f32::NEG_INFINITY);
                     }
-                    l[..rows].fill(0.0);
-                    acc[..rows * hd].fill(0.0);
-                    let mut k0 = 0;
-                    while k0 < nk {
-                        let cols = kstep.min(nk - k0);
-                        let o = (bi * heads + h) * nk * hd + k0 * hd;
-                        let (kp, vp) = (kpk[o..].as_ptr(), vpk[o..].as_ptr());
-                        let tile = &mut s[..cols * rows];
-                        // Sᵀ[cols, rows] = K[cols, hd] · Q[rows, hd]ᵀ, keys down the tile: the
-                        // GEMM then packs only the 256-row Q block, not the keys, and the
-                        // softmax runs down columns, vectorised across queries.
-                        // SAFETY: pointers and strides stay inside q/k and the tile.
-                        unsafe {
-                            gemm_strided(
-                                (cols, rows, hd),
-                                (tile.as_mut_ptr(), rows, 1),
-                                false,
-                                (kp, hd, 1),
-                                (qp, 1, d),
-                            )
-                        };
-                        let kb = key_bias
-                            .as_deref()
-                            .map(|kb| &kb[bi * nk + k0..bi * nk + k0 + cols]);
-                        if !bounded {
-                            m_new[..rows].copy_from_slice(&m[..rows]);
-                            col_max(tile, rows, scale, kb, m_new);
-                            for r in 0..rows {
-                                let alpha = exp_f32(m[r] - m_new[r]);
-                                l[r] *= alpha;
-                                m[r] = m_new[r];
-                                if alpha != 1.0 {
-                                    scale_row(&mut acc[r * hd..(r + 1) * hd], alpha);
-                                }
-                            }
-                        }
-                        exp_cols(tile, rows, scale, kb, m, l, part);
-                        // acc[rows, hd] += P[rows, cols] · V[cols, hd], P = the tile read
-                        // transposed.
-                        // SAFETY: as above.
-                        unsafe {
-                            gemm_strided(
-                                (rows, hd, cols),
-                                (acc.as_mut_ptr(), hd, 1),
-                                true,
-                                (tile.as_ptr(), 1, rows),
-                                (vp, hd, 1),
-                            )
-                        };
-                        k0 += cols;
-                    }
-                    // NaN-safe: a NaN sum also takes the exact path (and stays NaN there).
-                    if bounded && l[..rows].iter().any(|&x| x.is_nan() || x < 1e-12) {
-                        exact_only.store(true, std::sync::atomic::Ordering::Relaxed);
-                        bounded = false;
-                        continue;
-                    }
-                    break;
+                    exp_cols(tile, rows, scale, kb, m, l, part);
+                    // acc[rows, hd] += P[rows, cols] · V[cols, hd], P = the tile read
+                    // transposed.
+                    // SAFETY: as above.
+                    unsafe {
+                        gemm_strided(
+                            (rows, hd, cols),
+                            (acc.as_mut_ptr(), hd, 1),
+                            true,
+                            (tile.as_ptr(), 1, rows),
+                            (vp, hd, 1),
+                        )
+                    };
+                    k0 += cols;
                 }
                 for r in 0..rows {
                     let inv = 1.0 / l[r];
