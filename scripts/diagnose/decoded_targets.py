@@ -26,7 +26,8 @@ def feats(frames, col, bg):
         if y0 == 0 or x0 == 0 or y1 == 64 or x1 == 64: continue  # touching the frame edge
         b = m[y0:y1, x0:x1].astype(float); h, w = b.shape
         t3, w3 = max(1, h // 3), max(1, w // 3)
-        out.append((b.mean(), 0.5 * (b[:t3, :w3].mean() + b[:t3, -w3:].mean()), 0.5 * (b[-t3:, :w3].mean() + b[-t3:, -w3:].mean())))
+        tl, tr, bl, br = b[:t3, :w3].mean(), b[:t3, -w3:].mean(), b[-t3:, :w3].mean(), b[-t3:, -w3:].mean()
+        out.append((b.mean(), 0.5 * (tl + tr), 0.5 * (bl + br), tl, tr, bl, br))
     return out
 res = {}
 n = 0
@@ -44,4 +45,4 @@ for i, c in enumerate(caps):
     if n >= 240: break
 for s, v in res.items():
     a = np.array(v)
-    print(s, len(a), "median fill/top/bottom", np.round(np.median(a, 0), 3), "mean", np.round(a.mean(0), 3))
+    print(s, len(a), "median fill/top/bottom/TL/TR/BL/BR", np.round(np.median(a, 0), 3), "mean", np.round(a.mean(0), 3))
