@@ -681,29 +681,16 @@ unsafe fn gemm_rows(
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    // SAFETY: forwarded from the caller (column strides 1; alpha is ignored unless reading dst).
+    // SAFETY: forwarded from the caller (column strides 1).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
+        gemm_strided(
+            (m, n, k),
+            (dst, dst_rs, 1),
             accumulate,
-            lhs,
-            1,
-            lhs_rs as isize,
-            rhs,
-            1,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+            (lhs, lhs_rs, 1),
+            (rhs, rhs_rs, 1),
             parallelism,
-        );
+        )
     }
 }
 
@@ -726,33 +713,20 @@ unsafe fn gemm_abt(
 ) {
     // SAFETY: forwarded from the caller; bᵀ is b read with its strides swapped.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
+        gemm_strided(
+            (m, n, k),
+            (dst, dst_rs, 1),
             false,
-            a,
-            1,
-            a_rs as isize,
-            b,
-            b_rs as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            (a, a_rs, 1),
+            (b, 1, b_rs),
             gemm::Parallelism::None,
-        );
+        )
     }
 }
 
-/// `dst = lhs·rhs` (`accumulate`: `dst += lhs·rhs`) on the calling thread for operands at any
-/// strides: `(m, n, k)`, then `(pointer, row stride, column stride)` for `dst` `m×n`, `lhs`
-/// `m×k` and `rhs` `k×n`.
+/// `dst = lhs·rhs` (`accumulate`: `dst += lhs·rhs`) for operands at any strides: `(m, n, k)`,
+/// then `(pointer, row stride, column stride)` for `dst` `m×n`, `lhs` `m×k` and `rhs` `k×n`.
+/// The one call into the `gemm` crate; [`gemm_rows`] and [`gemm_abt`] are its row-major cases.
 ///
 /// # Safety
 /// Each pointer must address its whole operand at its strides, and `dst` must not overlap the
@@ -763,6 +737,7 @@ unsafe fn gemm_strided(
     accumulate: bool,
     (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: forwarded from the caller (alpha is ignored unless reading dst).
     unsafe {
@@ -785,7 +760,7 @@ unsafe fn gemm_strided(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -931,6 +906,7 @@ pub fn attention_bnhd(
                             false,
                             (kp, hd, 1),
                             (qp, 1, d),
+                            gemm::Parallelism::None,
                         )
                     };
                     let kb = key_bias
@@ -959,6 +935,7 @@ pub fn attention_bnhd(
                             true,
                             (tile.as_ptr(), 1, rows),
                             (vp, hd, 1),
+                            gemm::Parallelism::None,
                         )
                     };
                     k0 += cols;

@@ -31,6 +31,41 @@ fn split_heads(t: &Tensor, b: usize, n: usize, h: usize, hd: usize) -> Tensor {
         .unwrap()
 }
 
+/// Attention evaluated in f64 on `[B, N, H·Dh]` operands (with an optional `[B, Nk]` key bias),
+/// returned as f32 `[B, Nq, H·Dh]`: the reference the kernels' rounding is measured against.
+fn attention_f64(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    h: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    let (b, nq, d) = q.dims3().unwrap();
+    let nk = k.dim(1).unwrap();
+    let f = |t: &Tensor, n: usize| split_heads(t, b, n, h, d / h).to_dtype(DType::F64).unwrap();
+    let mut s = (f(q, nq).matmul(&f(k, nk).t().unwrap()).unwrap() * scale).unwrap();
+    if let Some(bias) = bias {
+        let bias = bias
+            .to_dtype(DType::F64)
+            .unwrap()
+            .reshape((b, 1, 1, nk))
+            .unwrap();
+        s = s.broadcast_add(&bias).unwrap();
+    }
+    candle_nn::ops::softmax_last_dim(&s)
+        .or_else(|_| candle_nn::ops::softmax(&s, D::Minus1))
+        .unwrap()
+        .matmul(&f(v, nk))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, nq, d))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
 /// A per-key additive bias (the DiT's merged padding keys) equals the composed attention
 /// with the same bias broadcast over heads and queries.
 #[test]
@@ -99,25 +134,7 @@ fn kernel_attention_matches_composed_attention() {
         .reshape((b, nq, h * hd))
         .unwrap();
         // Both against an f64 evaluation: the kernel must be at least as close as candle's.
-        let exact = {
-            let (q, k, v) = (
-                split(&q, nq).to_dtype(DType::F64).unwrap(),
-                split(&k, nk).to_dtype(DType::F64).unwrap(),
-                split(&v, nk).to_dtype(DType::F64).unwrap(),
-            );
-            let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-            candle_nn::ops::softmax_last_dim(&s)
-                .or_else(|_| candle_nn::ops::softmax(&s, D::Minus1))
-                .unwrap()
-                .matmul(&v)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, nq, h * hd))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-        };
+        let exact = attention_f64(&q, &k, &v, h, scale, None);
         let err_kernel = crate::common::max_abs_diff(&got, &exact);
         let err_candle = crate::common::max_abs_diff(&want, &exact);
         println!("attention hd {hd} {nq}×{nk} vs f64: kernel {err_kernel:.2e}, candle blockwise {err_candle:.2e}");
@@ -174,28 +191,7 @@ fn kernel_attention_is_exact_with_one_long_orthogonal_key() {
         .reshape((b, nq, h * hd))
         .unwrap();
         // f64 reference: the kernel must be at least as close to it as the composed f32 path.
-        let exact = {
-            let f = |t: &Tensor, n: usize| split(t, n).to_dtype(DType::F64).unwrap();
-            let mut s = (f(&q, nq).matmul(&f(&k, nk).t().unwrap()).unwrap() * scale).unwrap();
-            if let Some(bias) = &bias {
-                let bias = bias
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .reshape((b, 1, 1, nk))
-                    .unwrap();
-                s = s.broadcast_add(&bias).unwrap();
-            }
-            candle_nn::ops::softmax(&s, D::Minus1)
-                .unwrap()
-                .matmul(&f(&v, nk))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, nq, h * hd))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-        };
+        let exact = attention_f64(&q, &k, &v, h, scale, bias.as_ref());
         let err_kernel = crate::common::max_abs_diff(&got, &exact);
         let err_candle = crate::common::max_abs_diff(&want, &exact);
         println!(
