@@ -69,6 +69,41 @@ def gemm_gflops():
     return 2 * 2048**3 / best / 1e9
 
 
+def median_time(f, reps=9):
+    f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def gemm_floor(tokens, d=512, ffn=2048, layers=4, heads=8):
+    """The time of sora's guided DiT step if each of its matrix products ran at PyTorch's own speed
+    for that shape (timed here) and nothing else took any time: projections, FFN and self-attention
+    products; the text side (a few dozen keys) left out. sora runs the first block's self-attention
+    half once for both passes, so that block's products have one pass's rows."""
+    hd = d // heads
+    both, one = 2 * tokens, tokens
+    x = {r: torch.randn(r, max(d, ffn)) for r in (one, both)}
+    w = {(k, n): torch.randn(k, n) for k, n in ((d, d), (d, ffn), (ffn, d))}
+    def mm(rows, k, n):
+        a, b = x[rows][:, :k].contiguous(), w[(k, n)]
+        return median_time(lambda: a @ b)
+    def attn(batch):
+        q = torch.randn(batch, tokens, hd)
+        kt = torch.randn(batch, hd, tokens)
+        p = torch.randn(batch, tokens, tokens)
+        return median_time(lambda: torch.bmm(q, kt)) + median_time(lambda: torch.bmm(p, q))
+    proj_one, proj_both = mm(one, d, d), mm(both, d, d)
+    ffn_both = mm(both, d, ffn) + mm(both, ffn, d)
+    att_one, att_both = attn(heads), attn(2 * heads)
+    first = 4 * proj_one + att_one + 2 * proj_both + ffn_both  # self q,k,v,o shared; cross q,o; FFN
+    rest = 6 * proj_both + att_both + ffn_both
+    return first + (layers - 1) * rest
+
+
 def dit_flops(tokens, ctx, d=512, ffn=2048, layers=4):
     per = 2 * (6 * d * d + 2 * d * ffn) + 4 * d * (tokens + ctx)
     return tokens * layers * per
@@ -161,6 +196,7 @@ def main():
     tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
     flops = 2 * dit_flops(tokens, 64)  # guided: two passes
     peak = gemm_gflops()
+    floor = gemm_floor(tokens)
     # The median round by its DiT-step ratio (so one round's figures are shown together; the
     # upper middle one for an even count).
     rounds.sort(key=lambda ts: ts[1][0] / ts[0][0])
@@ -179,6 +215,9 @@ def main():
     print(f"DiT step: {tokens} tokens, {flops / 1e9:.1f} GFLOP; sora {flops / sora_step / 1e9:.0f} GFLOP/s, "
           f"PyTorch {flops / torch_step / 1e9:.0f} GFLOP/s; best f32 GEMM (torch 2048³) {peak:.0f} GFLOP/s; "
           f"sora reaches {100 * flops / sora_step / 1e9 / peak:.0f}% of it")
+    print(f"GEMM floor: {floor:.3f} s per guided step if every matrix product of sora's step ran at PyTorch's own "
+          f"speed for its shape and nothing else took time; floor/PyTorch step {floor / torch_step:.2f}, "
+          f"sora/floor {sora_step / floor:.2f}")
 
 
 if __name__ == "__main__":

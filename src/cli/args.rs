@@ -74,6 +74,10 @@ pub struct TrainArgs {
     /// Override the DiT's number of transformer blocks (the recipe's: 4).
     #[arg(long, value_name = "N")]
     pub dit_layers: Option<usize>,
+    /// Override the probability of training the DiT on the empty caption (the recipe's: 0.1), which
+    /// trains the unconditional prediction classifier-free guidance extrapolates from.
+    #[arg(long, value_name = "P")]
+    pub dit_cfg_dropout: Option<f64>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

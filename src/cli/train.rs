@@ -55,6 +55,12 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         }
         r.dit_sigma_shift = s;
     }
+    if let Some(p) = a.dit_cfg_dropout {
+        if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+            anyhow::bail!("--dit-cfg-dropout must be a probability in [0, 1), got {p}");
+        }
+        r.cfg_dropout = p;
+    }
     if let Some(n) = a.dit_layers {
         if n == 0 {
             anyhow::bail!("--dit-layers must be at least 1, got 0");

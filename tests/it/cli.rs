@@ -701,6 +701,15 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     );
     assert!(!out.exists(), "nothing is created for a rejected run");
     let (code, _, stderr) = run(sora()
+        .args(["train", "dit", "--dit-cfg-dropout", "1", "--out"])
+        .arg(&out));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--dit-cfg-dropout") && stderr.contains("got 1"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is created for a rejected run");
+    let (code, _, stderr) = run(sora()
         .args(["train", "dit", "--dit-layers", "0", "--out"])
         .arg(&out));
     assert_ne!(code, 0);
@@ -727,6 +736,8 @@ fn train_dit_override_flags_reach_the_recipe() {
             "1.5",
             "--dit-layers",
             "3",
+            "--dit-cfg-dropout",
+            "0.25",
             "--out",
         ])
         .arg(&out));
@@ -736,6 +747,7 @@ fn train_dit_override_flags_reach_the_recipe() {
     assert_eq!(r["dit_object_weight"], 0.0, "{r}");
     assert_eq!(r["dit_sigma_shift"], 1.5, "{r}");
     assert_eq!(r["dit"]["num_layers"], 3, "{r}");
+    assert_eq!(r["cfg_dropout"], 0.25, "{r}");
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());
