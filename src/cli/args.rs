@@ -44,6 +44,8 @@ pub enum TrainStage {
     Decoder,
     /// Train the DiT on the latents with captions.
     Dit,
+    /// Fine-tune the VAE decoder on the trained DiT's guided predictions (what generation feeds it).
+    DecoderDit,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -78,6 +80,10 @@ pub struct TrainArgs {
     /// trains the unconditional prediction classifier-free guidance extrapolates from.
     #[arg(long, value_name = "P")]
     pub dit_cfg_dropout: Option<f64>,
+    /// Override the steps of the last stage, the decoder fine-tune on the DiT's predictions
+    /// (0 skips it).
+    #[arg(long, value_name = "N")]
+    pub decoder_dit_steps: Option<u64>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

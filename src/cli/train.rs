@@ -17,7 +17,8 @@ use crate::train::eval::{
     prompt_suite, score_clip, score_suite, ClipAnalysis, Score, SuiteSummary,
 };
 use crate::train::recipe::{
-    encode_dataset, finetune_decoder, run_all, train_dit, train_vae, Recipe, StageOptions,
+    encode_dataset, finetune_decoder, finetune_decoder_on_dit, run_all, train_dit, train_vae,
+    Recipe, StageOptions,
 };
 use crate::train::world::{self, Split};
 use crate::video::{tensor_to_frames, write_png, RgbFrame};
@@ -67,6 +68,9 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         }
         r.dit.num_layers = n;
     }
+    if let Some(s) = a.decoder_dit_steps {
+        r.decoder_dit_steps = s;
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }
@@ -85,6 +89,7 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         TrainStage::Encode => encode_dataset(&r, dir, &opts, &cancel)?,
         TrainStage::Decoder => finetune_decoder(&r, dir, &opts, &cancel)?,
         TrainStage::Dit => train_dit(&r, dir, &opts, &cancel)?,
+        TrainStage::DecoderDit => finetune_decoder_on_dit(&r, dir, &opts, &cancel)?,
     };
     if !done {
         eprintln!(

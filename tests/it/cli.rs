@@ -752,3 +752,76 @@ fn train_dit_override_flags_reach_the_recipe() {
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());
 }
+
+#[test]
+fn train_decoder_dit_stage_changes_only_the_decoder() {
+    let d = tmp("train-decoder-dit");
+    let load = |dir: &Path, file: &str| {
+        candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).unwrap()
+    };
+    let mut dirs = Vec::new();
+    for steps in ["0", "3"] {
+        let out = d.join(format!("run-{steps}"));
+        let (code, _, stderr) = run(sora()
+            .args([
+                "train",
+                "all",
+                "--smoke",
+                "--quiet",
+                "--decoder-dit-steps",
+                steps,
+                "--out",
+            ])
+            .arg(&out));
+        assert_eq!(code, 0, "{stderr}");
+        dirs.push(out);
+    }
+    assert!(
+        !dirs[0].join("work-vae-dit/done").exists(),
+        "0 steps skips the stage"
+    );
+    assert!(dirs[1].join("work-vae-dit/done").is_file());
+    let dit = "transformer/diffusion_pytorch_model.safetensors";
+    let vae = "vae/diffusion_pytorch_model.safetensors";
+    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    // Same seed: everything before the stage is identical; the stage moves the decoder only.
+    let (d0, d1) = (load(&dirs[0], dit), load(&dirs[1], dit));
+    assert!(
+        d0.iter().all(|(k, v)| max_diff(v, &d1[k]) == 0.0),
+        "the DiT is frozen"
+    );
+    let (v0, v1) = (load(&dirs[0], vae), load(&dirs[1], vae));
+    assert_eq!(v0.len(), v1.len());
+    let mut moved = 0;
+    for (k, a) in &v0 {
+        let diff = max_diff(a, &v1[k]);
+        if k.starts_with("decoder.") || k.starts_with("post_quant_conv.") {
+            moved += usize::from(diff > 0.0);
+        } else {
+            assert_eq!(
+                diff, 0.0,
+                "{k} changed, but only the decoder trains in this stage"
+            );
+        }
+    }
+    assert!(moved > 0, "no decoder tensor changed in 3 steps");
+    let log = std::fs::read_to_string(dirs[1].join("work-vae-dit/loss.csv")).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        3,
+        "{log}"
+    );
+}
