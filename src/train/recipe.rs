@@ -159,7 +159,7 @@ impl Recipe {
             decoder_dit_clean: 0.0,
             seed: 2026,
             steps: 24,
-            guidance: 6.0,
+            guidance: 3.0,
             shift: 3.0,
         }
     }
