@@ -394,11 +394,54 @@ pub fn finetune_decoder(
     if done.is_file() || r.decoder_steps == 0 {
         return Ok(true);
     }
-    let weights = vae_dir.join("diffusion_pytorch_model.safetensors");
     let cfg: WanVaeConfig = crate::weights::read_config(&vae_dir.join("config.json"))?;
+    let tune = DecoderTune {
+        name: "vae-decoder",
+        steps: r.decoder_steps,
+        lr: r.vae_lr * 0.25,
+        warmup: 10,
+        work: &dir.join("work-vae-decoder"),
+    };
+    tune_decoder(dir, &cfg, &tune, opts, cancel, &|vae, step, shard| {
+        let mut rng = step_rng(r.seed, 5, step);
+        let (x, scenes) = render_batch(&mut rng, r, r.frames, DECODER_BATCH, &dev)?;
+        let x = object_crops(&x, &scenes, r, r.frames, 0.0, &mut rng)?;
+        let rows = shard.rows(DECODER_BATCH);
+        let x = x.narrow(0, rows.start, rows.len())?;
+        let (mean, _) = vae.encode(&x.detach())?;
+        let recon = vae.decode(&mean.detach())?;
+        let diff = (recon - &x)?;
+        Ok(((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? * shard.share(DECODER_BATCH))?)
+    })
+}
+
+/// Which decoder fine-tune [`tune_decoder`] runs: its loop's name, steps, learning rate and
+/// warmup, and its work directory (checkpoint, loss log, `done` marker).
+struct DecoderTune<'a> {
+    name: &'a str,
+    steps: u64,
+    lr: f64,
+    warmup: u64,
+    work: &'a Path,
+}
+
+/// What the decoder fine-tunes share: the VAE in `dir/vae/` loaded trainable, its decoder
+/// (and post-quant conv) trained on `loss` (given the trainable VAE, the step and the shard)
+/// with the encoder frozen, then every weight written back to `dir/vae/` and `done` marked.
+/// Returns whether the loop finished (false: cancelled, resumable from the checkpoint).
+fn tune_decoder(
+    dir: &Path,
+    cfg: &WanVaeConfig,
+    tune: &DecoderTune,
+    opts: &StageOptions,
+    cancel: &dyn Fn() -> bool,
+    loss: &(dyn Fn(&AutoencoderKLWan, u64, super::looper::Shard) -> Result<Tensor> + Sync),
+) -> Result<bool> {
+    let dev = Device::Cpu;
+    let weights = dir.join("vae").join("diffusion_pytorch_model.safetensors");
     crate::nn::set_differentiable(true);
     let mut varmap = VarMap::new();
-    let vae = AutoencoderKLWan::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    let vae = AutoencoderKLWan::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
     varmap
         .load(&weights)
         .with_context(|| format!("cannot load {}", weights.display()))?;
@@ -409,10 +452,10 @@ pub fn finetune_decoder(
         .cloned()
         .collect();
     let lc = LoopConfig {
-        name: "vae-decoder".into(),
-        steps: r.decoder_steps,
-        lr: r.vae_lr * 0.25,
-        warmup: 10.min(r.decoder_steps),
+        name: tune.name.into(),
+        steps: tune.steps,
+        lr: tune.lr,
+        warmup: tune.warmup.min(tune.steps),
         lr_floor: 0.1,
         clip: 1.0,
         weight_decay: 0.0,
@@ -421,18 +464,9 @@ pub fn finetune_decoder(
         progress: opts.progress,
         shards: data_shards(DECODER_BATCH),
     };
-    let work = dir.join("work-vae-decoder");
-    std::fs::create_dir_all(&work)?;
-    let outcome = train_loop(&lc, &ps, &work, cancel, &|step, shard| {
-        let mut rng = step_rng(r.seed, 5, step);
-        let (x, scenes) = render_batch(&mut rng, r, r.frames, DECODER_BATCH, &dev)?;
-        let x = object_crops(&x, &scenes, r, r.frames, 0.0, &mut rng)?;
-        let rows = shard.rows(DECODER_BATCH);
-        let x = x.narrow(0, rows.start, rows.len())?;
-        let (mean, _) = vae.encode(&x.detach())?;
-        let recon = vae.decode(&mean.detach())?;
-        let diff = (recon - &x)?;
-        Ok(((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? * shard.share(DECODER_BATCH))?)
+    std::fs::create_dir_all(tune.work)?;
+    let outcome = train_loop(&lc, &ps, tune.work, cancel, &|step, shard| {
+        loss(&vae, step, shard)
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -443,7 +477,7 @@ pub fn finetune_decoder(
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     save_tensors(&w, &weights)?;
-    std::fs::write(&done, "")?;
+    std::fs::write(tune.work.join("done"), "")?;
     Ok(true)
 }
 
@@ -773,7 +807,6 @@ pub fn finetune_decoder_on_dit(
         );
     }
     let vae_dir = dir.join("vae");
-    let weights = vae_dir.join("diffusion_pytorch_model.safetensors");
     let cfg: WanVaeConfig = crate::weights::read_config(&vae_dir.join("config.json"))?;
     let (latents, caps) = load_latent_dataset(dir, &dev)?;
     let n = latents.dim(0)?;
@@ -785,34 +818,15 @@ pub fn finetune_decoder_on_dit(
         crate::models::wan::dit::load_transformer(&dir.join("transformer"), None, DType::F32, &dev)
             .context("the decoder-dit stage needs the trained DiT (run the dit stage first)")?;
     let frozen = crate::models::wan::vae_keys::load_vae(&vae_dir, &cfg, DType::F32, &dev)?;
-    crate::nn::set_differentiable(true);
-    let mut varmap = VarMap::new();
-    let vae = AutoencoderKLWan::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
-    varmap
-        .load(&weights)
-        .with_context(|| format!("cannot load {}", weights.display()))?;
-    let all = params(&varmap);
-    let ps: Params = all
-        .iter()
-        .filter(|(k, _)| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
-        .cloned()
-        .collect();
-    let lc = LoopConfig {
-        name: "vae-dit-decoder".into(),
+    let empty = text_cache[""].clone();
+    let tune = DecoderTune {
+        name: "vae-dit-decoder",
         steps: r.decoder_dit_steps,
         lr: r.vae_lr * 0.1,
-        warmup: 20.min(r.decoder_dit_steps),
-        lr_floor: 0.1,
-        clip: 1.0,
-        weight_decay: 0.0,
-        ema: None,
-        ckpt_every: opts.ckpt_every,
-        progress: opts.progress,
-        shards: data_shards(DECODER_BATCH),
+        warmup: 20,
+        work: &work,
     };
-    std::fs::create_dir_all(&work)?;
-    let empty = text_cache[""].clone();
-    let outcome = train_loop(&lc, &ps, &work, cancel, &|step, shard| {
+    tune_decoder(dir, &cfg, &tune, opts, cancel, &|vae, step, shard| {
         let mut rng = step_rng(r.seed, 6, step);
         let b = DECODER_BATCH;
         let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
@@ -866,18 +880,7 @@ pub fn finetune_decoder_on_dit(
         let recon = vae.decode(&vae.denormalize_latents(&x0_hat.detach())?)?;
         let diff = (recon - target.detach())?;
         Ok(((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? * shard.share(b))?)
-    })?;
-    crate::nn::set_differentiable(false);
-    if !outcome.finished {
-        return Ok(false);
-    }
-    let w: HashMap<String, Tensor> = all
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    save_tensors(&w, &weights)?;
-    std::fs::write(&done, "")?;
-    Ok(true)
+    })
 }
 
 /// The DiT's training loss: the mean squared error of the predicted velocity `v` against

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::fixture;
+use crate::common::{fixture, max_abs_diff};
 
 fn sora() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sora"));
@@ -682,42 +682,26 @@ fn cli_long_clip_uses_temporal_windows_and_is_exact() {
 fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
-    let (code, _, stderr) = run(sora()
-        .args(["train", "dit", "--dit-object-weight=-1", "--out"])
-        .arg(&out));
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("--dit-object-weight") && stderr.contains("-1"),
-        "{stderr}"
-    );
-    assert!(!out.exists(), "nothing is created for a rejected run");
-    let (code, _, stderr) = run(sora()
-        .args(["train", "dit", "--dit-sigma-shift", "0", "--out"])
-        .arg(&out));
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("--dit-sigma-shift") && stderr.contains("got 0"),
-        "{stderr}"
-    );
-    assert!(!out.exists(), "nothing is created for a rejected run");
-    let (code, _, stderr) = run(sora()
-        .args(["train", "dit", "--dit-cfg-dropout", "1", "--out"])
-        .arg(&out));
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("--dit-cfg-dropout") && stderr.contains("got 1"),
-        "{stderr}"
-    );
-    assert!(!out.exists(), "nothing is created for a rejected run");
-    let (code, _, stderr) = run(sora()
-        .args(["train", "dit", "--dit-layers", "0", "--out"])
-        .arg(&out));
-    assert_ne!(code, 0);
-    assert!(
-        stderr.contains("--dit-layers") && stderr.contains("got 0"),
-        "{stderr}"
-    );
-    assert!(!out.exists(), "nothing is created for a rejected run");
+    // Each rejected flag, and what its error must quote.
+    let cases: [(&[&str], &str, &str); 4] = [
+        (&["--dit-object-weight=-1"], "--dit-object-weight", "-1"),
+        (&["--dit-sigma-shift", "0"], "--dit-sigma-shift", "got 0"),
+        (&["--dit-cfg-dropout", "1"], "--dit-cfg-dropout", "got 1"),
+        (&["--dit-layers", "0"], "--dit-layers", "got 0"),
+    ];
+    for (flag, name, value) in cases {
+        let (code, _, stderr) = run(sora()
+            .args(["train", "dit"])
+            .args(flag)
+            .arg("--out")
+            .arg(&out));
+        assert_ne!(code, 0, "{flag:?} was accepted");
+        assert!(
+            stderr.contains(name) && stderr.contains(value),
+            "{flag:?}: {stderr}"
+        );
+        assert!(!out.exists(), "nothing is created for a rejected run");
+    }
 }
 
 #[test]
@@ -783,29 +767,17 @@ fn train_decoder_dit_stage_changes_only_the_decoder() {
     assert!(dirs[1].join("work-vae-dit/done").is_file());
     let dit = "transformer/diffusion_pytorch_model.safetensors";
     let vae = "vae/diffusion_pytorch_model.safetensors";
-    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     // Same seed: everything before the stage is identical; the stage moves the decoder only.
     let (d0, d1) = (load(&dirs[0], dit), load(&dirs[1], dit));
     assert!(
-        d0.iter().all(|(k, v)| max_diff(v, &d1[k]) == 0.0),
+        d0.iter().all(|(k, v)| max_abs_diff(v, &d1[k]) == 0.0),
         "the DiT is frozen"
     );
     let (v0, v1) = (load(&dirs[0], vae), load(&dirs[1], vae));
     assert_eq!(v0.len(), v1.len());
     let mut moved = 0;
     for (k, a) in &v0 {
-        let diff = max_diff(a, &v1[k]);
+        let diff = max_abs_diff(a, &v1[k]);
         if k.starts_with("decoder.") || k.starts_with("post_quant_conv.") {
             moved += usize::from(diff > 0.0);
         } else {
