@@ -2,7 +2,8 @@
 # Experiment (session 11), not part of the recipe: fine-tune the VAE decoder of `weights/` on what
 # it is fed at generation time. Each sample: a training latent of TRAIN_DIR noised to σ ~ U(0.1,
 # SIGMA_MAX) (or, with probability FRAC_TRUE, left clean), the DiT's guided x0 prediction from it
-# (guidance 6, the bundled default), decoded by the trainable decoder; loss L1 + L2 against the
+# (at the bundled model's guidance, read from weights/sora.json: 6 when session 11 ran it, 3
+# since session 12), decoded by the trainable decoder; loss L1 + L2 against the
 # frozen original decoder's reconstruction of the clean latent. Writes a copy of weights/ with the
 # new decoder to OUT_DIR (loadable by `sora gen/eval --model OUT_DIR`). 0.75 s/step on 2 cores.
 import copy, json, os, shutil, sys, time, numpy as np, torch
@@ -23,6 +24,7 @@ std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 d0 = copy.deepcopy(vae).eval()
 L = list(load_file(TRAIN + "/latents.safetensors").values())[0]
 caps = json.load(open(TRAIN + "/captions.json"))["captions"]
+G = json.load(open("weights/sora.json"))["defaults"]["guidance"]
 enc = lambda p: pipe.encode_prompt(p, None, do_classifier_free_guidance=False, max_sequence_length=16)[0]
 with torch.no_grad():
     empty = enc("")
@@ -43,7 +45,7 @@ for step in range(STEPS):
         t = s.view(B) * 1000
         vc = pipe.transformer(hidden_states=xs, timestep=t, encoder_hidden_states=pe, return_dict=False)[0]
         vu = pipe.transformer(hidden_states=xs, timestep=t, encoder_hidden_states=empty.expand(B, -1, -1), return_dict=False)[0]
-        xh = xs - s * (vu + 6.0 * (vc - vu))
+        xh = xs - s * (vu + G * (vc - vu))
         target = d0.decode(x0 * std + mean, return_dict=False)[0].clamp(-1, 1)
     out = vae.decode(xh * std + mean, return_dict=False)[0]
     loss = (out - target).abs().mean() + ((out - target) ** 2).mean()
