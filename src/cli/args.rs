@@ -196,7 +196,7 @@ pub struct GenArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub shift: Option<f64>,
 
-    /// Sampler. Default: the model's (UniPC for Wan).
+    /// Sampler. Default: the model's (the bundled model: euler-sde; Wan2.1 checkpoints: UniPC).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerKind>,
 

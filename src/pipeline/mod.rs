@@ -431,7 +431,13 @@ pub fn generate(
     };
 
     let t1 = Instant::now();
-    let mut sampler = sched::build(req.sampler, &model.scheduler, req.steps, req.shift);
+    let mut sampler = sched::build(
+        req.sampler,
+        &model.scheduler,
+        req.steps,
+        req.shift,
+        req.seed,
+    );
     let timesteps = sampler.timesteps().to_vec();
     obs.stage("denoise", timesteps.len() as u64);
     let plan = window_plan(model, req, latents.dims())?;

@@ -1,11 +1,14 @@
-//! Flow-matching samplers, equal to diffusers' `FlowMatchEulerDiscreteScheduler` and
-//! `UniPCMultistepScheduler` (configured for flow prediction, as Wan ships it).
+//! Flow-matching samplers, equal to diffusers' `FlowMatchEulerDiscreteScheduler` (plain and
+//! with `stochastic_sampling`) and `UniPCMultistepScheduler` (configured for flow prediction,
+//! as Wan ships it).
 //!
 //! A sampler owns its sigma schedule and (UniPC) its short history of model outputs; each step
 //! maps (latent, velocity) to the next latent. Scalar coefficients are computed in f32 with the
 //! reference's order of operations, the schedules in f64 then rounded to f32, as numpy/torch do.
 
 use candle_core::{Result, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
 use serde::{Deserialize, Serialize};
 
 /// Which sampler to run.
@@ -16,6 +19,13 @@ pub enum SamplerKind {
     Euler,
     /// UniPC multistep predictor-corrector, order 2, bh2 (`UniPCMultistepScheduler`).
     Unipc,
+    /// Stochastic flow-matching Euler (`FlowMatchEulerDiscreteScheduler` with
+    /// `stochastic_sampling`): each step predicts the clean latent and re-noises it to the next
+    /// noise level with fresh seeded noise, which corrects the model's earlier errors instead
+    /// of carrying them along the ODE path.
+    #[serde(rename = "euler-sde")]
+    #[value(name = "euler-sde")]
+    EulerSde,
 }
 
 fn d_1000() -> usize {
@@ -163,16 +173,24 @@ pub trait Sampler {
     fn step(&mut self, velocity: &Tensor, sample: &Tensor) -> Result<Tensor>;
 }
 
-/// Builds the sampler of `kind` for `steps` steps with `shift`.
+/// Builds the sampler of `kind` for `steps` steps with `shift`; `seed` seeds the stochastic
+/// sampler's per-step noise (the deterministic ones ignore it).
 pub fn build(
     kind: SamplerKind,
     cfg: &SchedulerConfig,
     steps: usize,
     shift: f64,
+    seed: u64,
 ) -> Box<dyn Sampler> {
     match kind {
         SamplerKind::Euler => Box::new(FlowMatchEuler::new(steps, shift, cfg.num_train_timesteps)),
         SamplerKind::Unipc => Box::new(UniPc::new(cfg, steps, shift)),
+        SamplerKind::EulerSde => Box::new(FlowMatchEulerSde::new(
+            steps,
+            shift,
+            cfg.num_train_timesteps,
+            seed,
+        )),
     }
 }
 
@@ -230,6 +248,59 @@ impl Sampler for FlowMatchEuler {
         let dt = self.sigmas[self.index + 1] - self.sigmas[self.index];
         self.index += 1;
         sample.add(&(velocity * dt as f64)?)
+    }
+}
+
+/// `FlowMatchEulerDiscreteScheduler` with `stochastic_sampling = True`: the same schedule as
+/// [`FlowMatchEuler`], and the step `x0 = x − σ·v`, `x ← (1 − σ_next)·x0 + σ_next·z` with
+/// fresh standard-normal `z`. The noise is a ChaCha8 stream of the generation's seed (stream 1;
+/// the initial latent noise is stream 0), drawn row-major over the latent at every step, so a
+/// seed gives the same video on every run, platform and thread count.
+#[derive(Debug, Clone)]
+pub struct FlowMatchEulerSde {
+    euler: FlowMatchEuler,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl FlowMatchEulerSde {
+    pub fn new(steps: usize, shift: f64, num_train_timesteps: usize, seed: u64) -> Self {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(1);
+        Self {
+            euler: FlowMatchEuler::new(steps, shift, num_train_timesteps),
+            rng,
+        }
+    }
+
+    /// One step with the given noise `z` (same shape as `sample`).
+    pub fn step_with_noise(
+        &mut self,
+        velocity: &Tensor,
+        sample: &Tensor,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let i = self.euler.index;
+        let (sigma, next) = (self.euler.sigmas[i], self.euler.sigmas[i + 1]);
+        self.euler.index += 1;
+        let x0 = (sample - (velocity * sigma as f64)?)?;
+        (x0 * (1.0 - next) as f64)? + (noise * next as f64)?
+    }
+}
+
+impl Sampler for FlowMatchEulerSde {
+    fn timesteps(&self) -> &[f32] {
+        &self.euler.timesteps
+    }
+    fn sigmas(&self) -> &[f32] {
+        &self.euler.sigmas
+    }
+    fn step(&mut self, velocity: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let z: Vec<f32> = rand_distr::StandardNormal
+            .sample_iter(&mut self.rng)
+            .take(sample.elem_count())
+            .collect();
+        let z = Tensor::from_vec(z, sample.shape(), sample.device())?.to_dtype(sample.dtype())?;
+        self.step_with_noise(velocity, sample, &z)
     }
 }
 

@@ -86,6 +86,13 @@ pub struct Recipe {
     pub steps: usize,
     pub guidance: f64,
     pub shift: f64,
+    /// UniPC in recipes before session 13.
+    #[serde(default = "unipc")]
+    pub sampler: SamplerKind,
+}
+
+fn unipc() -> SamplerKind {
+    SamplerKind::Unipc
 }
 
 fn one() -> f64 {
@@ -161,6 +168,7 @@ impl Recipe {
             steps: 24,
             guidance: 3.0,
             shift: 3.0,
+            sampler: SamplerKind::EulerSde,
         }
     }
 
@@ -994,7 +1002,7 @@ pub fn export(r: &Recipe, dir: &Path) -> Result<()> {
                 steps: r.steps,
                 guidance: r.guidance,
                 shift: Some(r.shift),
-                sampler: SamplerKind::Unipc,
+                sampler: r.sampler,
                 fps: r.fps,
                 width: r.width,
                 height: r.height,

@@ -1,8 +1,9 @@
 //! Flow samplers against diffusers (fixtures from scripts/reference/ref_sched.py): schedules
-//! exactly, and every intermediate sample of a run with fixed velocities within 1e-5.
+//! exactly, and every intermediate sample of a run with fixed velocities within 1e-5 (the
+//! stochastic Euler replaying diffusers' recorded noise).
 
 use candle_core::IndexOp;
-use sora::sched::{build, SamplerKind, SchedulerConfig};
+use sora::sched::{build, FlowMatchEulerSde, Sampler, SamplerKind, SchedulerConfig};
 
 use crate::common::{assert_close, get, load};
 
@@ -15,7 +16,7 @@ fn sched_euler_and_unipc_match_diffusers() {
         let x0 = get(&io, &format!("{key}_x"));
         let vs = get(&io, &format!("{key}_v"));
         for (name, kind) in [("euler", SamplerKind::Euler), ("unipc", SamplerKind::Unipc)] {
-            let mut s = build(kind, &cfg, steps, shift);
+            let mut s = build(kind, &cfg, steps, shift, 0);
             let ref_sigmas: Vec<f32> = get(&io, &format!("{name}_{key}_sigmas")).to_vec1().unwrap();
             let ref_ts: Vec<f32> = get(&io, &format!("{name}_{key}_timesteps"))
                 .to_vec1()
@@ -35,4 +36,58 @@ fn sched_euler_and_unipc_match_diffusers() {
             }
         }
     }
+}
+
+#[test]
+fn sched_stochastic_euler_matches_diffusers_and_is_seeded() {
+    let io = load("sched_io.safetensors");
+    let cfg = SchedulerConfig::wan2_1();
+    for (steps, shift) in [(7usize, 3.0f64), (20, 5.0), (1, 3.0), (2, 8.0)] {
+        let key = format!("{steps}_{shift}");
+        let x0 = get(&io, &format!("{key}_x"));
+        let vs = get(&io, &format!("{key}_v"));
+        let noise = get(&io, &format!("eulersde_{key}_noise"));
+        let samples = get(&io, &format!("eulersde_{key}_samples"));
+        let mut s = FlowMatchEulerSde::new(steps, shift, cfg.num_train_timesteps, 0);
+        // The schedule is the plain Euler's (checked against diffusers above).
+        let plain = build(SamplerKind::Euler, &cfg, steps, shift, 0);
+        assert_eq!(s.sigmas(), plain.sigmas(), "{key} sigmas");
+        let mut x = x0.clone();
+        for i in 0..steps {
+            x = s
+                .step_with_noise(&vs.i(i).unwrap(), &x, &noise.i(i).unwrap())
+                .unwrap();
+            assert_close(
+                &format!("euler-sde {key} step {i}"),
+                &x,
+                &samples.i(i).unwrap(),
+                1e-5,
+            );
+        }
+    }
+    // Its own noise: the same seed replays the same run, another seed gives another one, and
+    // the last step lands on the clean prediction (σ_next = 0) whatever the noise.
+    let run = |seed: u64| {
+        let mut s = build(SamplerKind::EulerSde, &cfg, 7, 3.0, seed);
+        let vs = get(&io, "7_3_v");
+        let mut x = get(&io, "7_3_x");
+        let mut last_in = x.clone();
+        for i in 0..7 {
+            last_in = x.clone();
+            x = s.step(&vs.i(i).unwrap(), &x).unwrap();
+        }
+        let sigma = s.sigmas()[6] as f64;
+        let x0 = (&last_in - (vs.i(6).unwrap() * sigma).unwrap()).unwrap();
+        (x, x0)
+    };
+    let (a, a0) = run(5);
+    let (b, _) = run(5);
+    let (c, _) = run(6);
+    assert_close("same seed", &a, &b, 0.0);
+    assert_close("last step is x0", &a, &a0, 1e-6);
+    let diff = crate::common::max_abs_diff(&a, &c);
+    assert!(
+        diff > 1e-2,
+        "seeds 5 and 6 gave the same run (max diff {diff})"
+    );
 }
