@@ -192,6 +192,18 @@ pub struct GenArgs {
     #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
     pub cfg: Option<f64>,
 
+    /// Guidance scale at low noise: used instead of `--cfg` at the steps whose noise level σ is
+    /// below `--cfg-late-below`, where the sampler refines details (lower guidance there keeps
+    /// shapes from being pushed away from the unconditional prediction). Default: the model's
+    /// (the bundled model: 2 below σ 0.7; Wan2.1 checkpoints: none).
+    #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
+    pub cfg_late: Option<f64>,
+
+    /// The noise level σ (0 < σ ≤ 1) below which `--cfg-late` applies. Default: the model's, or
+    /// 0.5.
+    #[arg(long, value_name = "SIGMA", allow_negative_numbers = true)]
+    pub cfg_late_below: Option<f64>,
+
     /// Flow-matching timestep shift. Default: the model's.
     #[arg(long, allow_negative_numbers = true)]
     pub shift: Option<f64>,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::pipeline::{GenRequest, ModelDefaults};
+use crate::pipeline::{GenRequest, LateGuidance, ModelDefaults};
 use crate::sched::SamplerKind;
 
 /// Largest accepted frame side and area; beyond this a request is a typo, not a video.
@@ -28,6 +28,8 @@ pub struct Overrides {
     pub frames: Option<usize>,
     pub steps: Option<usize>,
     pub cfg: Option<f64>,
+    pub cfg_late: Option<f64>,
+    pub cfg_late_below: Option<f64>,
     pub shift: Option<f64>,
     pub sampler: Option<SamplerKind>,
     pub seed: Option<u64>,
@@ -63,6 +65,8 @@ impl Overrides {
             }),
             steps: item.steps.or(self.steps),
             cfg: item.cfg.or(self.cfg),
+            cfg_late: item.cfg_late.or(self.cfg_late),
+            cfg_late_below: item.cfg_late_below.or(self.cfg_late_below),
             shift: item.shift.or(self.shift),
             sampler: item.sampler.or(self.sampler),
             seed: item.seed.or(self.seed),
@@ -290,6 +294,7 @@ pub fn resolve_job(
     if !guidance.is_finite() || guidance < 0.0 {
         bail!("--cfg {guidance} must be a non-negative number");
     }
+    let cfg_late = late_guidance(o, d)?;
     let shift = o.shift.unwrap_or(rules.default_shift);
     if !shift.is_finite() || shift <= 0.0 {
         bail!("--shift {shift} must be a positive number");
@@ -363,6 +368,7 @@ pub fn resolve_job(
             frames: gen_frames,
             steps,
             guidance,
+            cfg_late,
             shift,
             sampler: o.sampler.unwrap_or(d.sampler),
             seed: o.seed.unwrap_or(seed),
@@ -377,6 +383,26 @@ pub fn resolve_job(
         out,
         kind,
     })
+}
+
+/// The late (low-noise) guidance of a job: `--cfg-late` / `--cfg-late-below` over the model's.
+/// `--cfg-late` equal to `--cfg`, or a threshold alone with no scale anywhere, means none.
+fn late_guidance(o: &Overrides, d: &ModelDefaults) -> Result<Option<LateGuidance>> {
+    let scale = o.cfg_late.or(d.cfg_late.map(|l| l.scale));
+    let below = o
+        .cfg_late_below
+        .or(d.cfg_late.map(|l| l.below))
+        .unwrap_or(0.5);
+    if !(below.is_finite() && below > 0.0 && below <= 1.0) {
+        bail!("--cfg-late-below {below} must be a noise level in (0, 1]");
+    }
+    match scale {
+        None => Ok(None),
+        Some(s) if !s.is_finite() || s < 0.0 => {
+            bail!("--cfg-late {s} must be a non-negative number")
+        }
+        Some(s) => Ok(Some(LateGuidance { scale: s, below })),
+    }
 }
 
 /// A window or tile `(size, overlap)` in latent units.

@@ -119,6 +119,7 @@ pub fn generate_frames(model: &WanModel, prompt: &str, seed: u64) -> Result<Vec<
         frames: d.frames,
         steps: d.steps,
         guidance: d.guidance,
+        cfg_late: d.cfg_late,
         shift: model.default_shift(),
         sampler: d.sampler,
         seed,

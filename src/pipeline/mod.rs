@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-pub use model::{ModelDefaults, SoraModelCard, WanModel};
+pub use model::{LateGuidance, ModelDefaults, SoraModelCard, WanModel};
 pub use window::{AxisWindows, Blender, WindowPlan};
 
 use crate::models::umt5::{Umt5Encoder, Umt5Tokenizer};
@@ -31,6 +31,8 @@ pub struct GenRequest {
     pub frames: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// Guidance at low noise (σ below its threshold) instead of `guidance`.
+    pub cfg_late: Option<LateGuidance>,
     pub shift: f64,
     pub sampler: SamplerKind,
     pub seed: u64,
@@ -402,7 +404,7 @@ pub fn generate(
 ) -> Result<Timings> {
     let mut timings = Timings::default();
     let shape = latent_shape(model, req.width, req.height, req.frames)?;
-    let guided = req.guidance > 1.0;
+    let guided = req.guidance > 1.0 || req.cfg_late.is_some_and(|l| l.scale > 1.0);
 
     let t0 = Instant::now();
     obs.stage("encode text", 0);
@@ -439,15 +441,20 @@ pub fn generate(
         req.seed,
     );
     let timesteps = sampler.timesteps().to_vec();
+    let sigmas = sampler.sigmas().to_vec();
     obs.stage("denoise", timesteps.len() as u64);
     let plan = window_plan(model, req, latents.dims())?;
-    for t in timesteps {
+    for (i, t) in timesteps.into_iter().enumerate() {
         if cancel() {
             bail!("interrupted");
         }
+        let g = match req.cfg_late {
+            Some(l) if (sigmas[i] as f64) < l.below => l.scale,
+            _ => req.guidance,
+        };
         let v = match &plan {
-            None => guided_velocity(model, &latents, t, &ctx, req.guidance)?,
-            Some(p) => windowed_velocity(model, &latents, t, &ctx, req.guidance, p)?,
+            None => guided_velocity(model, &latents, t, &ctx, g)?,
+            Some(p) => windowed_velocity(model, &latents, t, &ctx, g, p)?,
         };
         latents = sampler.step(&v, &latents)?;
         obs.advance(1);

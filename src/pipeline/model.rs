@@ -25,6 +25,10 @@ pub const WAN_NEGATIVE_PROMPT: &str = "色调艳丽，过曝，静态，细节�
 pub struct ModelDefaults {
     pub steps: usize,
     pub guidance: f64,
+    /// A different guidance scale at low noise (the last steps, where details are refined);
+    /// `None`: `guidance` throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg_late: Option<LateGuidance>,
     /// `None`: the scheduler config's shift.
     #[serde(default)]
     pub shift: Option<f64>,
@@ -52,6 +56,14 @@ pub struct ModelDefaults {
     pub tile_px: Option<usize>,
 }
 
+/// Guidance `scale` at the steps whose noise level σ is below `below` (0 < below ≤ 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LateGuidance {
+    pub scale: f64,
+    pub below: f64,
+}
+
 fn default_text_len() -> usize {
     512
 }
@@ -62,6 +74,7 @@ impl ModelDefaults {
         Self {
             steps: 50,
             guidance: 5.0,
+            cfg_late: None,
             shift: None,
             sampler: SamplerKind::Unipc,
             fps: 16,

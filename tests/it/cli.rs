@@ -505,6 +505,27 @@ fn cli_bad_input_is_refused_clearly_and_writes_nothing() {
             vec!["--model", &m, "--prompts", &latin1_s],
             "not valid UTF-8 (line 1)",
         ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--cfg-late", "-1"],
+            "--cfg-late -1 must be a non-negative",
+        ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--cfg-late-below", "1.5"],
+            "--cfg-late-below 1.5 must be a noise level in (0, 1]",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--prompt",
+                "x",
+                "--cfg-late",
+                "2",
+                "--cfg-late-below",
+                "0",
+            ],
+            "--cfg-late-below 0 must be",
+        ),
         (vec!["--model", &m], "give --prompt TEXT or --prompts FILE"),
         (vec!["--model", &m, "--prompt", "   "], "prompt is empty"),
     ];

@@ -36,6 +36,7 @@ pub fn settings() -> (GenRequest, Tensor) {
             frames: s.frames,
             steps: s.steps,
             guidance: s.guidance,
+            cfg_late: None,
             shift: s.shift,
             sampler: SamplerKind::Unipc,
             seed: 0,
@@ -212,4 +213,49 @@ fn pipeline_tiled_decode_matches_whole_frame_decode_closely() {
     // Random weights: tiles see less context at their borders; the blend keeps the mean
     // difference small (measured 0.045; misplaced tiles give > 0.3).
     assert!(mean < 0.06, "mean abs diff {mean}");
+}
+
+#[test]
+fn pipeline_late_guidance_switches_the_scale_below_its_noise_level() {
+    use sora::pipeline::LateGuidance;
+    let model = WanModel::load(&fixture("wan-tiny"), &Device::Cpu, DType::F32).unwrap();
+    let (req, noise) = settings();
+    let late = |scale: f64, below: f64| GenRequest {
+        cfg_late: Some(LateGuidance { scale, below }),
+        ..req.clone()
+    };
+    let with = |guidance: f64| GenRequest {
+        guidance,
+        ..req.clone()
+    };
+    let plain = run(&model, &req, &noise);
+    // Below every step's σ: nothing changes.
+    let never = run(&model, &late(1.0, 1e-4), &noise);
+    crate::common::assert_close("threshold below every step", &never, &plain, 0.0);
+    // Above every step's σ (UniPC starts just under 1): the late scale is the scale throughout.
+    let always = run(&model, &late(2.0, 1.0), &noise);
+    crate::common::assert_close(
+        "late scale everywhere",
+        &always,
+        &run(&model, &with(2.0), &noise),
+        0.0,
+    );
+    // Guidance 1 before the switch still encodes the negative prompt for the guided late steps.
+    let only_late = GenRequest {
+        guidance: 1.0,
+        ..late(5.0, 1.0)
+    };
+    let g5 = run(&model, &only_late, &noise);
+    crate::common::assert_close("guided only late, everywhere", &g5, &plain, 1e-5);
+    // In between (the fixture's 4 steps are at σ 1, 0.9, 0.75, 0.5): two steps at each scale,
+    // so neither run.
+    let half = run(&model, &late(1.0, 0.8), &noise);
+    let unguided = run(&model, &with(1.0), &noise);
+    for (what, other) in [("plain", &plain), ("unguided", &unguided)] {
+        let d = crate::common::max_abs_diff(&half, other);
+        assert!(
+            d > 1e-3,
+            "switching at σ 0.8 gave the {what} run (max diff {d})"
+        );
+    }
 }
