@@ -106,6 +106,10 @@ pub struct EvalArgs {
     /// Seeds per prompt.
     #[arg(long, default_value = "2")]
     pub seeds: u64,
+    /// The first seed: clips use seeds `first-seed .. first-seed + seeds`, so a setting chosen on
+    /// one range of seeds can be checked on fresh ones.
+    #[arg(long, default_value = "0", value_name = "N")]
+    pub first_seed: u64,
     /// Write every generated clip's frames here as PNG strips for inspection.
     #[arg(long, value_name = "DIR")]
     pub frames_out: Option<PathBuf>,

@@ -157,7 +157,7 @@ fn strip(frames: &[RgbFrame]) -> RgbFrame {
 fn vae_ceiling(
     model: &WanModel,
     split: Split,
-    seeds: u64,
+    seeds: std::ops::Range<u64>,
     label: &'static str,
     frames_out: Option<&Path>,
     clips: &mut Vec<EvalClip>,
@@ -169,7 +169,7 @@ fn vae_ceiling(
         let p = world::parse_prompt(prompt)
             .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
         let bg = p.background.unwrap_or(world::Background::Black);
-        for seed in 0..seeds {
+        for seed in seeds.clone() {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed << 16 | pi as u64);
             let scene = world::random_single_object_scene(
                 &mut rng,
@@ -228,12 +228,12 @@ pub struct EvalReport {
     pub clips: Vec<EvalClip>,
 }
 
-/// Scores `model` on the seen and held-out prompt suites (`seeds` clips per prompt), each
+/// Scores `model` on the seen and held-out prompt suites (one clip per prompt and seed), each
 /// followed, with `ceiling`, by the VAE's ceiling on the same suite (see [`vae_ceiling`]).
 /// With `frames_out`, every clip's frames are written there as a PNG strip.
 pub fn eval_suites(
     model: &WanModel,
-    seeds: u64,
+    seeds: std::ops::Range<u64>,
     ceiling: bool,
     frames_out: Option<&Path>,
 ) -> Result<EvalReport> {
@@ -244,7 +244,7 @@ pub fn eval_suites(
         for (pi, prompt) in prompt_suite(split).iter().enumerate() {
             let parsed = world::parse_prompt(prompt)
                 .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
-            for seed in 0..seeds {
+            for seed in seeds.clone() {
                 let frames = generate_frames(model, prompt, seed)?;
                 let (s, analysis) = score_clip(&frames, &parsed);
                 clips.push(EvalClip {
@@ -269,7 +269,7 @@ pub fn eval_suites(
         if ceiling {
             report.push((
                 format!("{label} (VAE)"),
-                vae_ceiling(model, split, seeds, label, frames_out, &mut clips)?,
+                vae_ceiling(model, split, seeds.clone(), label, frames_out, &mut clips)?,
             ));
         }
     }
@@ -313,10 +313,11 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let t0 = Instant::now();
+    let seeds = a.first_seed..a.first_seed.saturating_add(a.seeds);
     let EvalReport {
         suites: report,
         clips,
-    } = eval_suites(&model, a.seeds, a.ceiling, a.frames_out.as_deref())?;
+    } = eval_suites(&model, seeds.clone(), a.ceiling, a.frames_out.as_deref())?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         let clips: Vec<serde_json::Value> = clips.iter().map(clip_json).collect();
@@ -326,7 +327,7 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
             .collect();
         println!(
             "{}",
-            json!({"model": dir, "seeds": a.seeds, "seconds": secs, "suites": v, "clips": clips})
+            json!({"model": dir, "seeds": a.seeds, "first_seed": a.first_seed, "seconds": secs, "suites": v, "clips": clips})
         );
     } else {
         println!(
@@ -353,7 +354,10 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
                 .collect();
             println!("  {:<15} {}", l, rows.join("  "));
         }
-        println!("({} seeds per prompt, {:.0} s)", a.seeds, secs);
+        println!(
+            "({} seeds per prompt, {}..{}, {:.0} s)",
+            a.seeds, seeds.start, seeds.end, secs
+        );
     }
     Ok(EXIT_OK)
 }

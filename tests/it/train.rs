@@ -59,7 +59,7 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(frames, again);
 
     // `sora eval`: both suites, each followed by the VAE's ceiling on the same prompts.
-    let full = sora::cli::train::eval_suites(&model, 1, true, Some(&dir)).unwrap();
+    let full = sora::cli::train::eval_suites(&model, 0..1, true, Some(&dir)).unwrap();
     let report = &full.suites;
     let labels: Vec<(&str, usize)> = report.iter().map(|(l, s)| (l.as_str(), s.n)).collect();
     assert_eq!(
@@ -80,6 +80,11 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     // One record per clip (generated and VAE-ceiling), agreeing with the summaries; a clip
     // whose blob has a majority shape carries the classifier's features.
     assert_eq!(full.clips.len(), 2 * (24 + 16));
+    assert!(full.clips.iter().all(|c| c.seed == 0), "seeds 0..1");
+    // `--first-seed`: a later range of seeds, generated clips only.
+    let later = sora::cli::train::eval_suites(&model, 3..4, false, None).unwrap();
+    assert_eq!(later.clips.len(), 24 + 16);
+    assert!(later.clips.iter().all(|c| c.seed == 3 && !c.vae_ceiling));
     for (label, s) in report {
         let (suite, vae) = match label.strip_suffix(" (VAE)") {
             Some(l) => (l, true),
