@@ -386,7 +386,7 @@ pub fn resolve_job(
 }
 
 /// The late (low-noise) guidance of a job: `--cfg-late` / `--cfg-late-below` over the model's.
-/// `--cfg-late` equal to `--cfg`, or a threshold alone with no scale anywhere, means none.
+/// A threshold with no scale (neither flag nor model) means none; the threshold is still checked.
 fn late_guidance(o: &Overrides, d: &ModelDefaults) -> Result<Option<LateGuidance>> {
     let scale = o.cfg_late.or(d.cfg_late.map(|l| l.scale));
     let below = o

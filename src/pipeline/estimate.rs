@@ -161,8 +161,7 @@ pub fn estimate(
     let heads = t.num_attention_heads as f64;
     let ctx = info.defaults.text_len as f64;
     // Guided steps run two passes (an upper bound when only some steps are guided).
-    let guided = req.guidance > 1.0 || req.cfg_late.is_some_and(|l| l.scale > 1.0);
-    let cfg_mult = if guided { 2.0 } else { 1.0 };
+    let cfg_mult = if req.guided() { 2.0 } else { 1.0 };
     // Per token per layer: self q,k,v,o; cross q,o; FFN; attention over tokens and context.
     let per_token_layer =
         2.0 * (6.0 * d * d + 2.0 * d * t.ffn_dim as f64) + 4.0 * d * (tokens as f64 + ctx);

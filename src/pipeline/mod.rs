@@ -42,6 +42,22 @@ pub struct GenRequest {
     pub tile: Option<(usize, usize)>,
 }
 
+impl GenRequest {
+    /// The guidance scale of a step at noise level `sigma`: the late scale below its
+    /// threshold, else `guidance`.
+    pub fn guidance_at(&self, sigma: f32) -> f64 {
+        match self.cfg_late {
+            Some(l) if (sigma as f64) < l.below => l.scale,
+            _ => self.guidance,
+        }
+    }
+
+    /// Whether any step is guided (runs the negative prompt beside the prompt).
+    pub fn guided(&self) -> bool {
+        self.guidance > 1.0 || self.cfg_late.is_some_and(|l| l.scale > 1.0)
+    }
+}
+
 /// Progress events of a generation. The CLI draws bars; tests and `--quiet` ignore them.
 pub trait Observer {
     /// A stage begins; `total` units of work (steps, frames), 0 if unknown.
@@ -404,7 +420,7 @@ pub fn generate(
 ) -> Result<Timings> {
     let mut timings = Timings::default();
     let shape = latent_shape(model, req.width, req.height, req.frames)?;
-    let guided = req.guidance > 1.0 || req.cfg_late.is_some_and(|l| l.scale > 1.0);
+    let guided = req.guided();
 
     let t0 = Instant::now();
     obs.stage("encode text", 0);
@@ -448,10 +464,7 @@ pub fn generate(
         if cancel() {
             bail!("interrupted");
         }
-        let g = match req.cfg_late {
-            Some(l) if (sigmas[i] as f64) < l.below => l.scale,
-            _ => req.guidance,
-        };
+        let g = req.guidance_at(sigmas[i]);
         let v = match &plan {
             None => guided_velocity(model, &latents, t, &ctx, g)?,
             Some(p) => windowed_velocity(model, &latents, t, &ctx, g, p)?,

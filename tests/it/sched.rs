@@ -2,19 +2,53 @@
 //! exactly, and every intermediate sample of a run with fixed velocities within 1e-5 (the
 //! stochastic Euler replaying diffusers' recorded noise).
 
-use candle_core::IndexOp;
+use std::collections::HashMap;
+
+use candle_core::{IndexOp, Tensor};
 use sora::sched::{build, FlowMatchEulerSde, Sampler, SamplerKind, SchedulerConfig};
 
 use crate::common::{assert_close, get, load};
+
+type Io = HashMap<String, Tensor>;
+
+/// The fixture's runs: `(steps, shift, key, start latent, velocities [steps, …])`.
+fn fixture_runs(io: &Io) -> Vec<(usize, f64, String, Tensor, Tensor)> {
+    [(7usize, 3.0f64), (20, 5.0), (1, 3.0), (2, 8.0)]
+        .into_iter()
+        .map(|(steps, shift)| {
+            let key = format!("{steps}_{shift}");
+            let x0 = get(io, &format!("{key}_x"));
+            let vs = get(io, &format!("{key}_v"));
+            (steps, shift, key, x0, vs)
+        })
+        .collect()
+}
+
+/// Steps `x0` `steps` times with `step(i, x)` and checks every sample against `samples[i]`.
+fn assert_run(
+    label: &str,
+    x0: &Tensor,
+    samples: &Tensor,
+    steps: usize,
+    mut step: impl FnMut(usize, &Tensor) -> Tensor,
+) {
+    let mut x = x0.clone();
+    for i in 0..steps {
+        x = step(i, &x);
+        assert_close(
+            &format!("{label} step {i}"),
+            &x,
+            &samples.i(i).unwrap(),
+            1e-5,
+        );
+    }
+}
 
 #[test]
 fn sched_euler_and_unipc_match_diffusers() {
     let io = load("sched_io.safetensors");
     let cfg = SchedulerConfig::wan2_1();
-    for (steps, shift) in [(7usize, 3.0f64), (20, 5.0), (1, 3.0), (2, 8.0)] {
-        let key = format!("{steps}_{shift}");
-        let x0 = get(&io, &format!("{key}_x"));
-        let vs = get(&io, &format!("{key}_v"));
+    for (steps, shift, key, x0, vs) in fixture_runs(&io) {
         for (name, kind) in [("euler", SamplerKind::Euler), ("unipc", SamplerKind::Unipc)] {
             let mut s = build(kind, &cfg, steps, shift, 0);
             let ref_sigmas: Vec<f32> = get(&io, &format!("{name}_{key}_sigmas")).to_vec1().unwrap();
@@ -24,16 +58,9 @@ fn sched_euler_and_unipc_match_diffusers() {
             assert_eq!(s.sigmas(), ref_sigmas.as_slice(), "{name} {key} sigmas");
             assert_eq!(s.timesteps(), ref_ts.as_slice(), "{name} {key} timesteps");
             let samples = get(&io, &format!("{name}_{key}_samples"));
-            let mut x = x0.clone();
-            for i in 0..steps {
-                x = s.step(&vs.i(i).unwrap(), &x).unwrap();
-                assert_close(
-                    &format!("{name} {key} step {i}"),
-                    &x,
-                    &samples.i(i).unwrap(),
-                    1e-5,
-                );
-            }
+            assert_run(&format!("{name} {key}"), &x0, &samples, steps, |i, x| {
+                s.step(&vs.i(i).unwrap(), x).unwrap()
+            });
         }
     }
 }
@@ -42,28 +69,17 @@ fn sched_euler_and_unipc_match_diffusers() {
 fn sched_stochastic_euler_matches_diffusers_and_is_seeded() {
     let io = load("sched_io.safetensors");
     let cfg = SchedulerConfig::wan2_1();
-    for (steps, shift) in [(7usize, 3.0f64), (20, 5.0), (1, 3.0), (2, 8.0)] {
-        let key = format!("{steps}_{shift}");
-        let x0 = get(&io, &format!("{key}_x"));
-        let vs = get(&io, &format!("{key}_v"));
+    for (steps, shift, key, x0, vs) in fixture_runs(&io) {
         let noise = get(&io, &format!("eulersde_{key}_noise"));
         let samples = get(&io, &format!("eulersde_{key}_samples"));
         let mut s = FlowMatchEulerSde::new(steps, shift, cfg.num_train_timesteps, 0);
         // The schedule is the plain Euler's (checked against diffusers above).
         let plain = build(SamplerKind::Euler, &cfg, steps, shift, 0);
         assert_eq!(s.sigmas(), plain.sigmas(), "{key} sigmas");
-        let mut x = x0.clone();
-        for i in 0..steps {
-            x = s
-                .step_with_noise(&vs.i(i).unwrap(), &x, &noise.i(i).unwrap())
-                .unwrap();
-            assert_close(
-                &format!("euler-sde {key} step {i}"),
-                &x,
-                &samples.i(i).unwrap(),
-                1e-5,
-            );
-        }
+        assert_run(&format!("euler-sde {key}"), &x0, &samples, steps, |i, x| {
+            s.step_with_noise(&vs.i(i).unwrap(), x, &noise.i(i).unwrap())
+                .unwrap()
+        });
     }
     // Its own noise: the same seed replays the same run, another seed gives another one, and
     // the last step lands on the clean prediction (σ_next = 0) whatever the noise.
