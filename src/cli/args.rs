@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::sched::guidance::Guider;
 use crate::sched::SamplerKind;
 
 #[derive(Debug, Parser)]
@@ -215,6 +216,15 @@ pub struct GenArgs {
     /// Sampler. Default: the model's (the bundled model: euler-sde; Wan2.1 checkpoints: UniPC).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerKind>,
+
+    /// How guided steps combine the prompt's and the negative prompt's predictions: `cfg`
+    /// (classifier-free guidance), `zero-star[:zero-init-steps=N]` (CFG-Zero*: the negative
+    /// prediction rescaled by its projection on the prompt's; the first N steps zeroed) or
+    /// `apg[:eta=X,momentum=X,norm-threshold=X]` (adaptive projected guidance: the guidance
+    /// direction's part parallel to the prediction weighted by eta, default 0). Default: the
+    /// model's (cfg unless its sora.json says otherwise).
+    #[arg(long, value_name = "SPEC")]
+    pub guider: Option<Guider>,
 
     /// Random seed; the same seed and settings give the same video. Default: random (reported).
     #[arg(long)]

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::pipeline::{GenRequest, LateGuidance, ModelDefaults};
+use crate::sched::guidance::Guider;
 use crate::sched::SamplerKind;
 
 /// Largest accepted frame side and area; beyond this a request is a typo, not a video.
@@ -32,6 +33,9 @@ pub struct Overrides {
     pub cfg_late_below: Option<f64>,
     pub shift: Option<f64>,
     pub sampler: Option<SamplerKind>,
+    /// `--guider`'s form (`apg:eta=0`), not `sora.json`'s object.
+    #[serde(default, deserialize_with = "guider_spec")]
+    pub guider: Option<Guider>,
     pub seed: Option<u64>,
     pub out: Option<PathBuf>,
     /// Temporal window length in frames.
@@ -69,6 +73,7 @@ impl Overrides {
             cfg_late_below: item.cfg_late_below.or(self.cfg_late_below),
             shift: item.shift.or(self.shift),
             sampler: item.sampler.or(self.sampler),
+            guider: item.guider.or(self.guider),
             seed: item.seed.or(self.seed),
             out: item.out.clone().or_else(|| self.out.clone()),
             window: item.window.or(self.window),
@@ -371,6 +376,7 @@ pub fn resolve_job(
             cfg_late,
             shift,
             sampler: o.sampler.unwrap_or(d.sampler),
+            guider: o.guider.unwrap_or(d.guider),
             seed: o.seed.unwrap_or(seed),
             window,
             tile,
@@ -383,6 +389,13 @@ pub fn resolve_job(
         out,
         kind,
     })
+}
+
+/// A JSON Lines `guider` value: the `--guider` spec string.
+fn guider_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Guider>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// The late (low-noise) guidance of a job: `--cfg-late` / `--cfg-late-below` over the model's.

@@ -175,6 +175,7 @@ fn base_overrides(a: &GenArgs) -> Overrides {
         cfg_late_below: a.cfg_late_below,
         shift: a.shift,
         sampler: a.sampler,
+        guider: a.guider,
         seed: a.seed,
         out: None,
         window: a.window,
@@ -501,6 +502,13 @@ try --tile {} (spatial tiles), a shorter --window, --dtype bf16, or a smaller --
 /// Prints a job's plan (`--dry-run`): grid, windows, memory per stage, estimated time.
 fn print_plan(printer: &Printer, job: &Job, e: &Estimate, info: &ModelInfo) {
     let r = &job.request;
+    let mut cfg = r.guidance.to_string();
+    if let Some(l) = r.cfg_late {
+        cfg += &format!(" ({} below σ {})", l.scale, l.below);
+    }
+    if !r.guider.is_cfg() {
+        cfg += &format!(", guider {}", r.guider);
+    }
     let text = format!(
         "plan for {}: {} frames {}×{} (generated {}×{}, {} frames) @ {} fps, {} steps, cfg {}\n\
   latent {}×{}×{}×{} (C×T×H×W); {} window(s) of {} tokens; VAE decode in {} tile(s)\n\
@@ -515,10 +523,7 @@ fn print_plan(printer: &Printer, job: &Job, e: &Estimate, info: &ModelInfo) {
         r.frames,
         job.fps,
         r.steps,
-        match r.cfg_late {
-            Some(l) => format!("{} ({} below σ {})", r.guidance, l.scale, l.below),
-            None => r.guidance.to_string(),
-        },
+        cfg,
         e.latent[0],
         e.latent[1],
         e.latent[2],
@@ -557,6 +562,7 @@ fn settings_json(job: &Job, model: &WanModel) -> serde_json::Value {
         "cfg_late": job.request.cfg_late,
         "shift": job.request.shift,
         "sampler": job.request.sampler,
+        "guider": job.request.guider.to_string(),
         "width": job.width,
         "height": job.height,
         "frames": job.write_frames,

@@ -122,6 +122,7 @@ pub fn generate_frames(model: &WanModel, prompt: &str, seed: u64) -> Result<Vec<
         cfg_late: d.cfg_late,
         shift: model.default_shift(),
         sampler: d.sampler,
+        guider: d.guider,
         seed,
         window: None,
         tile: None,

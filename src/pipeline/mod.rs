@@ -17,6 +17,7 @@ pub use model::{LateGuidance, ModelDefaults, SoraModelCard, WanModel};
 pub use window::{AxisWindows, Blender, WindowPlan};
 
 use crate::models::umt5::{Umt5Encoder, Umt5Tokenizer};
+use crate::sched::guidance::{Guidance, Guider};
 use crate::sched::{self, SamplerKind};
 
 /// One generation, fully resolved (no defaults left to fill in).
@@ -35,6 +36,8 @@ pub struct GenRequest {
     pub cfg_late: Option<LateGuidance>,
     pub shift: f64,
     pub sampler: SamplerKind,
+    /// How guided steps combine the prompt's and the negative prompt's predictions.
+    pub guider: Guider,
     pub seed: u64,
     /// Temporal windows `(size, overlap)` in latent frames; `None`: one pass over the clip.
     pub window: Option<(usize, usize)>,
@@ -220,17 +223,16 @@ pub fn window_plan(
     }))
 }
 
-/// Classifier-free guided velocity for latents `[B, C, T, H, W]` (B windows of one size):
-/// one DiT pass over `[cond…, uncond…]` when guided. `ctx` is `[1 or 2, L, D]`.
-fn guided_velocity(
+/// The conditional and (when `guided`) unconditional velocities of latents `[B, C, T, H, W]`
+/// (B windows of one size) from one DiT pass over `[cond…, uncond…]`. `ctx` is `[1 or 2, L, D]`.
+fn predict(
     model: &WanModel,
     x: &Tensor,
     t: f32,
     ctx: &Tensor,
-    guidance: f64,
-) -> Result<Tensor> {
+    guided: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let b = x.dim(0)?;
-    let guided = guidance > 1.0;
     let ctx2 = if guided {
         let c = ctx.narrow(0, 0, 1)?.repeat((b, 1, 1))?;
         let u = ctx.narrow(0, 1, 1)?.repeat((b, 1, 1))?;
@@ -246,11 +248,9 @@ fn guided_velocity(
         .forward_guided(x, &tt, &ctx2, (0, 0, 0))
         .context("denoising step")?;
     if guided {
-        let cond = v.narrow(0, 0, b)?;
-        let uncond = v.narrow(0, b, b)?;
-        Ok((&uncond + ((cond - &uncond)? * guidance)?)?)
+        Ok((v.narrow(0, 0, b)?, Some(v.narrow(0, b, b)?)))
     } else {
-        Ok(v)
+        Ok((v, None))
     }
 }
 
@@ -259,19 +259,21 @@ fn guided_velocity(
 /// of windows (a 60 s clip peaks like a 5 s one).
 const WINDOW_BATCH_TOKENS: usize = 1536;
 
-/// The velocity of the whole latent from overlapping windows, blended. Windows of equal size
-/// are batched. Positions start at 0 in every window: RoPE attention depends only on position
-/// differences, so this equals using each window's absolute offsets.
-fn windowed_velocity(
+/// The conditional and (when `guided`) unconditional velocities of the whole latent
+/// `[1, C, T, H, W]` from overlapping windows, each blended. Windows of equal size are batched.
+/// Positions start at 0 in every window: RoPE attention depends only on position differences,
+/// so this equals using each window's absolute offsets.
+fn windowed_predict(
     model: &WanModel,
     latents: &Tensor,
     t: f32,
     ctx: &Tensor,
-    guidance: f64,
+    guided: bool,
     plan: &WindowPlan,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let dims = latents.dims5()?;
-    let mut blender = Blender::new([dims.0, dims.1, dims.2, dims.3, dims.4]);
+    let preds = if guided { 2 } else { 1 };
+    let mut blender = Blender::new([preds * dims.0, dims.1, dims.2, dims.3, dims.4]);
     let p = model.transformer.config().patch_size;
     let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<window::Window>> =
         Default::default();
@@ -295,10 +297,14 @@ fn windowed_velocity(
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let x = Tensor::cat(&xs, 0)?;
-            let v = guided_velocity(model, &x, t, ctx, guidance)?;
+            let (cond, uncond) = predict(model, &x, t, ctx, guided)?;
             for (i, w) in chunk.iter().enumerate() {
+                let mut v = cond.narrow(0, i, 1)?;
+                if let Some(u) = &uncond {
+                    v = Tensor::cat(&[v, u.narrow(0, i, 1)?], 0)?;
+                }
                 blender.add(
-                    &v.narrow(0, i, 1)?,
+                    &v,
                     (w[0].1, w[1].1, w[2].1),
                     &plan.t.weights(w[0].0),
                     &plan.h.weights(w[1].0),
@@ -307,7 +313,12 @@ fn windowed_velocity(
             }
         }
     }
-    blender.finish(latents.device())
+    let v = blender.finish(latents.device())?;
+    if guided {
+        Ok((v.narrow(0, 0, dims.0)?, Some(v.narrow(0, dims.0, dims.0)?)))
+    } else {
+        Ok((v, None))
+    }
 }
 
 /// Pixel area above which the VAE decodes in spatial tiles.
@@ -458,6 +469,7 @@ pub fn generate(
     );
     let timesteps = sampler.timesteps().to_vec();
     let sigmas = sampler.sigmas().to_vec();
+    let mut guidance = Guidance::new(req.guider);
     obs.stage("denoise", timesteps.len() as u64);
     let plan = window_plan(model, req, latents.dims())?;
     for (i, t) in timesteps.into_iter().enumerate() {
@@ -465,9 +477,14 @@ pub fn generate(
             bail!("interrupted");
         }
         let g = req.guidance_at(sigmas[i]);
-        let v = match &plan {
-            None => guided_velocity(model, &latents, t, &ctx, g)?,
-            Some(p) => windowed_velocity(model, &latents, t, &ctx, g, p)?,
+        let v = if req.guider.zeroes_step(i) {
+            latents.zeros_like()?
+        } else {
+            let (cond, uncond) = match &plan {
+                None => predict(model, &latents, t, &ctx, g > 1.0)?,
+                Some(p) => windowed_predict(model, &latents, t, &ctx, g > 1.0, p)?,
+            };
+            guidance.combine(g, &cond, uncond.as_ref())?
         };
         latents = sampler.step(&v, &latents)?;
         obs.advance(1);

@@ -12,6 +12,7 @@ use crate::models::wan::dit::{load_transformer, WanTransformer3DModel};
 use crate::models::wan::vae::AutoencoderKLWan;
 use crate::models::wan::vae_keys::load_vae;
 use crate::models::wan::{WanTransformerConfig, WanVaeConfig};
+use crate::sched::guidance::Guider;
 use crate::sched::{SamplerKind, SchedulerConfig};
 use crate::weights::{read_config, TensorStore};
 
@@ -33,6 +34,9 @@ pub struct ModelDefaults {
     #[serde(default)]
     pub shift: Option<f64>,
     pub sampler: SamplerKind,
+    /// How guided steps combine the two predictions (default: classifier-free guidance).
+    #[serde(default, skip_serializing_if = "Guider::is_cfg")]
+    pub guider: Guider,
     pub fps: u32,
     pub width: usize,
     pub height: usize,
@@ -77,6 +81,7 @@ impl ModelDefaults {
             cfg_late: None,
             shift: None,
             sampler: SamplerKind::Unipc,
+            guider: Guider::Cfg,
             fps: 16,
             width: 832,
             height: 480,

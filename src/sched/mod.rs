@@ -6,6 +6,8 @@
 //! maps (latent, velocity) to the next latent. Scalar coefficients are computed in f32 with the
 //! reference's order of operations, the schedules in f64 then rounded to f32, as numpy/torch do.
 
+pub mod guidance;
+
 use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;

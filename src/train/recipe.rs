@@ -22,6 +22,7 @@ use crate::models::wan::dit::WanTransformer3DModel;
 use crate::models::wan::vae::AutoencoderKLWan;
 use crate::models::wan::{WanTransformerConfig, WanVaeConfig};
 use crate::pipeline::{encode_text, LateGuidance, ModelDefaults, SoraModelCard};
+use crate::sched::guidance::Guider;
 use crate::sched::{SamplerKind, SchedulerConfig};
 
 /// Sizes and schedules of the tiny model. `Recipe::bundled()` is what ships in `weights/`;
@@ -92,6 +93,10 @@ pub struct Recipe {
     /// UniPC in recipes before session 13.
     #[serde(default = "unipc")]
     pub sampler: SamplerKind,
+    /// How guided steps combine the two predictions, written to `sora.json` (CFG in recipes
+    /// before session 14).
+    #[serde(default)]
+    pub guider: Guider,
 }
 
 fn unipc() -> SamplerKind {
@@ -178,6 +183,7 @@ impl Recipe {
                 below: 0.7,
             }),
             sampler: SamplerKind::EulerSde,
+            guider: Guider::Cfg,
         }
     }
 
@@ -1013,6 +1019,7 @@ pub fn export(r: &Recipe, dir: &Path) -> Result<()> {
                 cfg_late: r.cfg_late,
                 shift: Some(r.shift),
                 sampler: r.sampler,
+                guider: r.guider,
                 fps: r.fps,
                 width: r.width,
                 height: r.height,

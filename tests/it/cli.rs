@@ -526,6 +526,33 @@ fn cli_bad_input_is_refused_clearly_and_writes_nothing() {
             ],
             "--cfg-late-below 0 must be",
         ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--guider", "sharpen"],
+            "unknown guider \"sharpen\"",
+        ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--guider", "apg:eta"],
+            "guider setting \"eta\" in \"apg:eta\" is not of the form name=value",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--prompt",
+                "x",
+                "--guider",
+                "zero-star:eta=0",
+            ],
+            "guider \"zero-star\" has no setting \"eta\": it takes zero-init-steps",
+        ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--guider", "apg:momentum=1"],
+            "APG momentum 1 must be in (-1, 1)",
+        ),
+        (
+            vec!["--model", &m, "--prompt", "x", "--guider", "fdg:high=x"],
+            "guider setting high=\"x\" in \"fdg:high=x\" is not a number",
+        ),
         (vec!["--model", &m], "give --prompt TEXT or --prompts FILE"),
         (vec!["--model", &m, "--prompt", "   "], "prompt is empty"),
     ];
@@ -564,6 +591,7 @@ fn cli_help_lists_flags_and_examples() {
         "--cfg",
         "--shift",
         "--sampler",
+        "--guider",
         "--seed",
         "--model",
         "--out",

@@ -39,6 +39,7 @@ pub fn settings() -> (GenRequest, Tensor) {
             cfg_late: None,
             shift: s.shift,
             sampler: SamplerKind::Unipc,
+            guider: Default::default(),
             seed: 0,
             window: None,
             tile: None,
@@ -258,4 +259,47 @@ fn pipeline_late_guidance_switches_the_scale_below_its_noise_level() {
             "switching at σ 0.8 gave the {what} run (max diff {d})"
         );
     }
+}
+
+#[test]
+fn pipeline_guiders_reduce_to_cfg_where_they_should_and_change_it_otherwise() {
+    use sora::sched::guidance::Guider;
+    let model = WanModel::load(&fixture("wan-tiny"), &Device::Cpu, DType::F32).unwrap();
+    let (req, noise) = settings();
+    let with = |guider: &str| GenRequest {
+        guider: guider.parse::<Guider>().unwrap(),
+        ..req.clone()
+    };
+    let plain = run(&model, &req, &noise);
+    // APG with the parallel part kept whole (eta 1, no momentum or limit) and FDG with the high
+    // band at the step's scale are CFG, up to the rounding of their projections and pyramids.
+    let g = req.guidance;
+    for spec in ["apg:eta=1".to_string(), format!("fdg:high={g}")] {
+        let v = run(&model, &with(&spec), &noise);
+        crate::common::assert_close(&format!("{spec} vs cfg"), &v, &plain, 1e-4);
+    }
+    // The others change the video.
+    for spec in [
+        "apg:eta=0",
+        "zero-star",
+        "zero-star:zero-init-steps=1",
+        "fdg:high=1",
+    ] {
+        let d = crate::common::max_abs_diff(&run(&model, &with(spec), &noise), &plain);
+        assert!(d > 1e-3, "{spec} gave the cfg run (max diff {d})");
+    }
+    // Windowed generation combines the blended predictions: one window over the whole clip
+    // equals the plain path under a guider with per-clip norms and a running average.
+    let apg = with("apg:eta=0.5,momentum=-0.3,norm-threshold=5");
+    let windowed = GenRequest {
+        window: Some((3, 1)),
+        tile: Some((6, 2)),
+        ..apg.clone()
+    };
+    crate::common::assert_close(
+        "apg, one window vs plain",
+        &run(&model, &windowed, &noise),
+        &run(&model, &apg, &noise),
+        1e-6,
+    );
 }
