@@ -88,6 +88,16 @@ pub struct TrainArgs {
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,
+    /// Override the number of training clips the encode stage renders (the recipe's: 3,000).
+    #[arg(long)]
+    pub clips: Option<usize>,
+    /// Override the DiT's peak learning rate (the recipe's: 5e-4).
+    #[arg(long)]
+    pub dit_lr: Option<f64>,
+    /// Start the DiT from these weights (a model directory or its transformer safetensors)
+    /// instead of a random initialisation: a fine-tune, with a fresh optimiser and schedule.
+    #[arg(long, value_name = "PATH")]
+    pub dit_init: Option<PathBuf>,
     /// Save a checkpoint every N steps (also on Ctrl-C).
     #[arg(long, default_value = "100")]
     pub ckpt_every: u64,

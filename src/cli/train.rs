@@ -71,6 +71,32 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
     if let Some(s) = a.decoder_dit_steps {
         r.decoder_dit_steps = s;
     }
+    if let Some(n) = a.clips {
+        if n == 0 {
+            anyhow::bail!("--clips must be at least 1, got 0");
+        }
+        r.clips = n;
+    }
+    if let Some(lr) = a.dit_lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            anyhow::bail!("--dit-lr must be a positive number, got {lr}");
+        }
+        r.dit_lr = lr;
+    }
+    if let Some(p) = &a.dit_init {
+        let file = if p.is_dir() {
+            p.join("transformer/diffusion_pytorch_model.safetensors")
+        } else {
+            p.clone()
+        };
+        if !file.is_file() {
+            anyhow::bail!(
+                "--dit-init {}: no such file (give a model directory or its transformer safetensors)",
+                file.display()
+            );
+        }
+        r.dit_init = Some(file);
+    }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;
     }

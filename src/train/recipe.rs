@@ -51,6 +51,10 @@ pub struct Recipe {
     pub dit_steps: u64,
     pub dit_batch: usize,
     pub dit_lr: f64,
+    /// Weights the DiT starts from instead of a random initialisation (a fine-tune); `None`:
+    /// from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dit_init: Option<PathBuf>,
     /// Probability of training on the empty caption (classifier-free guidance).
     pub cfg_dropout: f64,
     /// Shift applied to the DiT's logit-normal training σ (`s·σ / (1 + (s−1)·σ)`, as the
@@ -163,6 +167,7 @@ impl Recipe {
             dit_steps: 16_000,
             dit_batch: 8,
             dit_lr: 5e-4,
+            dit_init: None,
             cfg_dropout: 0.1,
             dit_sigma_shift: 3.0,
             dit_object_weight: 10.0,
@@ -661,11 +666,16 @@ pub fn train_dit(
         None
     };
     crate::nn::set_differentiable(true);
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     let dit =
         WanTransformer3DModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &r.dit)?;
     let ps = params(&varmap);
     init_params(&ps, r.seed ^ 4)?;
+    if let Some(init) = &r.dit_init {
+        varmap
+            .load(init)
+            .with_context(|| format!("cannot start the DiT from {}", init.display()))?;
+    }
     crate::nn::set_differentiable(false);
     let text_cache = caption_embeddings(r, &tok, &enc, &caps, &dev)?;
     crate::nn::set_differentiable(true);
