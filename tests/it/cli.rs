@@ -732,11 +732,18 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
     // Each rejected flag, and what its error must quote.
-    let cases: [(&[&str], &str, &str); 4] = [
+    let cases: [(&[&str], &str, &str); 7] = [
         (&["--dit-object-weight=-1"], "--dit-object-weight", "-1"),
         (&["--dit-sigma-shift", "0"], "--dit-sigma-shift", "got 0"),
         (&["--dit-cfg-dropout", "1"], "--dit-cfg-dropout", "got 1"),
         (&["--dit-layers", "0"], "--dit-layers", "got 0"),
+        (&["--clips", "0"], "--clips", "got 0"),
+        (&["--dit-lr", "0"], "--dit-lr", "got 0"),
+        (
+            &["--dit-init", "/no/such/model"],
+            "--dit-init",
+            "/no/such/model: no such file",
+        ),
     ];
     for (flag, name, value) in cases {
         let (code, _, stderr) = run(sora()
@@ -784,6 +791,79 @@ fn train_dit_override_flags_reach_the_recipe() {
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());
+}
+
+#[test]
+fn train_dit_init_fine_tunes_from_the_given_weights() {
+    let d = tmp("train-dit-init");
+    let base = d.join("base");
+    let (code, _, stderr) = run(sora()
+        .args(["train", "all", "--smoke", "--quiet", "--out"])
+        .arg(&base));
+    assert_eq!(code, 0, "{stderr}");
+    let dit = "transformer/diffusion_pytorch_model.safetensors";
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join(dit), &candle_core::Device::Cpu).unwrap()
+    };
+    // Start weights unlike anything the recipe makes: the base DiT shifted by 0.25 everywhere,
+    // given as a safetensors file.
+    let shifted: std::collections::HashMap<String, candle_core::Tensor> = load(&base)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = (v + 0.25).unwrap();
+            (k, v)
+        })
+        .collect();
+    let start = d.join("start.safetensors");
+    candle_core::safetensors::save(&shifted, &start).unwrap();
+    // One step at a vanishing learning rate: the result is the start (the exported EMA too);
+    // the same run without --dit-init is not.
+    let mut runs = Vec::new();
+    for init in [true, false] {
+        let out = d.join(format!("ft-{init}"));
+        let mut cmd = sora();
+        cmd.args([
+            "train",
+            "all",
+            "--smoke",
+            "--quiet",
+            "--dit-steps",
+            "1",
+            "--dit-lr",
+            "1e-12",
+            "--clips",
+            "24",
+        ]);
+        if init {
+            cmd.arg("--dit-init").arg(&start);
+        }
+        let (code, _, stderr) = run(cmd.arg("--out").arg(&out));
+        assert_eq!(code, 0, "{stderr}");
+        runs.push(out);
+    }
+    let worst = |dir: &Path| {
+        let t = load(dir);
+        assert_eq!(t.len(), shifted.len());
+        shifted
+            .iter()
+            .map(|(k, v)| max_abs_diff(v, &t[k]))
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        worst(&runs[0]) < 1e-5,
+        "fine-tune moved from its start: {}",
+        worst(&runs[0])
+    );
+    assert!(
+        worst(&runs[1]) > 0.2,
+        "the run without --dit-init ended at the start weights"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs[0].join("recipe.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["dit_lr"], 1e-12, "{r}");
+    assert_eq!(r["clips"], 24, "{r}");
+    assert_eq!(r["dit_init"], start.display().to_string(), "{r}");
 }
 
 #[test]
