@@ -300,6 +300,16 @@ pub fn resolve_job(
         bail!("--cfg {guidance} must be a non-negative number");
     }
     let cfg_late = late_guidance(o, d)?;
+    // Flags and JSON Lines items are checked as they are parsed; the model's own setting here.
+    let guider = match o.guider {
+        Some(g) => g,
+        None => {
+            d.guider
+                .validate()
+                .context("the model's sora.json \"guider\"")?;
+            d.guider
+        }
+    };
     let shift = o.shift.unwrap_or(rules.default_shift);
     if !shift.is_finite() || shift <= 0.0 {
         bail!("--shift {shift} must be a positive number");
@@ -376,7 +386,7 @@ pub fn resolve_job(
             cfg_late,
             shift,
             sampler: o.sampler.unwrap_or(d.sampler),
-            guider: o.guider.unwrap_or(d.guider),
+            guider,
             seed: o.seed.unwrap_or(seed),
             window,
             tile,
@@ -565,6 +575,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!((j.request.frames, j.write_frames), (49, 48));
+    }
+
+    #[test]
+    fn a_bad_guider_in_sora_json_is_refused_naming_it() {
+        let mut r = rules();
+        r.defaults.guider = serde_json::from_str(r#"{"kind": "apg", "momentum": 3}"#).unwrap();
+        let e = format!(
+            "{:#}",
+            resolve_job(&r, &o("x"), 0, None, None, 1).unwrap_err()
+        );
+        assert!(
+            e.contains("the model's sora.json \"guider\"") && e.contains("APG momentum 3"),
+            "{e}"
+        );
+        // A flag's guider replaces it.
+        let ov = Overrides {
+            guider: Some(crate::sched::guidance::Guider::Cfg),
+            ..o("x")
+        };
+        assert!(resolve_job(&r, &ov, 0, None, None, 1).is_ok());
     }
 
     #[test]

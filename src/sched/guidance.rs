@@ -315,27 +315,23 @@ fn blur5(src: &[f32], h: usize, w: usize) -> Vec<f32> {
         }
         i.clamp(0, n - 1) as usize
     };
-    let mut rows = vec![0f32; h * w];
-    for y in 0..h {
-        for x in 0..w {
-            rows[y * w + x] = K
-                .iter()
-                .enumerate()
-                .map(|(k, c)| c * src[y * w + reflect(x as isize + k as isize - 2, w)])
-                .sum();
-        }
-    }
-    let mut out = vec![0f32; h * w];
-    for y in 0..h {
-        for x in 0..w {
-            out[y * w + x] = K
-                .iter()
-                .enumerate()
-                .map(|(k, c)| c * rows[reflect(y as isize + k as isize - 2, h) * w + x])
-                .sum();
-        }
-    }
-    out
+    // One pass along an axis of `len` positions `stride` apart.
+    let pass = |src: &[f32], along_x: bool| -> Vec<f32> {
+        let (len, stride) = if along_x { (w, 1) } else { (h, w) };
+        (0..h * w)
+            .map(|i| {
+                let pos = if along_x { i % w } else { i / w };
+                let base = i - pos * stride;
+                K.iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        c * src[base + reflect(pos as isize + k as isize - 2, len) * stride]
+                    })
+                    .sum()
+            })
+            .collect()
+    };
+    pass(&pass(src, true), false)
 }
 
 /// Sum over every axis but the first, keeping them as size-1 axes: `[B, 1, …, 1]`.

@@ -108,16 +108,43 @@ fn sched_stochastic_euler_matches_diffusers_and_is_seeded() {
     );
 }
 
+/// Runs `guider` over the fixture's steps (`cond` / `uncond` `[steps, …]`, the scale of each
+/// step from `scales`; scale 1 runs no unconditional pass, as the pipeline does) and checks
+/// every guided prediction against `want` within 1e-5.
+fn assert_guider_run(
+    label: &str,
+    guider: sora::sched::guidance::Guider,
+    scales: &[f64],
+    (cond, uncond): (&Tensor, &Tensor),
+    want: &Tensor,
+) {
+    let mut guidance = sora::sched::guidance::Guidance::new(guider);
+    for (i, &g) in scales.iter().enumerate() {
+        let c = cond.i(i).unwrap();
+        let got = if guider.zeroes_step(i) {
+            c.zeros_like().unwrap()
+        } else {
+            let u = uncond.i(i).unwrap();
+            guidance.combine(g, &c, (g > 1.0).then_some(&u)).unwrap()
+        };
+        assert_close(
+            &format!("{label} step {i} (scale {g})"),
+            &got,
+            &want.i(i).unwrap(),
+            1e-5,
+        );
+    }
+}
+
 /// diffusers' guiders (fixture from scripts/reference/ref_guiders.py): every step's guided
 /// prediction within 1e-5, over steps whose scale changes (including an unguided step at
 /// scale 1), for batch 2 (norms and projections per item).
 #[test]
 fn sched_guiders_match_diffusers() {
-    use sora::sched::guidance::{Guidance, Guider};
+    use sora::sched::guidance::Guider;
     let io = load("guiders_io.safetensors");
     let scales: Vec<f64> = get(&io, "scales").to_vec1().unwrap();
-    let cond = get(&io, "cond");
-    let uncond = get(&io, "uncond");
+    let (cond, uncond) = (get(&io, "cond"), get(&io, "uncond"));
     let cases = [
         ("cfg", Guider::Cfg),
         ("zero_star_0", Guider::ZeroStar { zero_init_steps: 0 }),
@@ -135,22 +162,13 @@ fn sched_guiders_match_diffusers() {
     ];
     for (name, guider) in cases {
         let want = get(&io, &format!("{name}_out"));
-        let mut guidance = Guidance::new(guider);
-        for (i, &g) in scales.iter().enumerate() {
-            let c = cond.i(i).unwrap();
-            let got = if guider.zeroes_step(i) {
-                c.zeros_like().unwrap()
-            } else {
-                let u = uncond.i(i).unwrap();
-                guidance.combine(g, &c, (g > 1.0).then_some(&u)).unwrap()
-            };
-            assert_close(
-                &format!("guider {name} step {i} (scale {g})"),
-                &got,
-                &want.i(i).unwrap(),
-                1e-5,
-            );
-        }
+        assert_guider_run(
+            &format!("guider {name}"),
+            guider,
+            &scales,
+            (&cond, &uncond),
+            &want,
+        );
     }
 }
 
@@ -159,25 +177,18 @@ fn sched_guiders_match_diffusers() {
 /// band at the step's, within 1e-5; steps at scale 1 return the conditional prediction.
 #[test]
 fn sched_frequency_decoupled_guidance_matches_diffusers() {
-    use sora::sched::guidance::{Guidance, Guider};
+    use sora::sched::guidance::Guider;
     let io = load("guiders_io.safetensors");
     let scales: Vec<f64> = get(&io, "scales").to_vec1().unwrap();
-    let cond = get(&io, "fdg_cond");
-    let uncond = get(&io, "fdg_uncond");
+    let (cond, uncond) = (get(&io, "fdg_cond"), get(&io, "fdg_uncond"));
     for (key, high) in [("1.5", 1.5), ("4", 4.0)] {
         let want = get(&io, &format!("fdg_{key}_out"));
-        let mut guidance = Guidance::new(Guider::Fdg { high });
-        for (i, &g) in scales.iter().enumerate() {
-            let u = uncond.i(i).unwrap();
-            let got = guidance
-                .combine(g, &cond.i(i).unwrap(), (g > 1.0).then_some(&u))
-                .unwrap();
-            assert_close(
-                &format!("fdg high {high} step {i} (scale {g})"),
-                &got,
-                &want.i(i).unwrap(),
-                1e-5,
-            );
-        }
+        assert_guider_run(
+            &format!("fdg high {high}"),
+            Guider::Fdg { high },
+            &scales,
+            (&cond, &uncond),
+            &want,
+        );
     }
 }
