@@ -229,10 +229,11 @@ pub struct GenArgs {
 
     /// How guided steps combine the prompt's and the negative prompt's predictions: `cfg`
     /// (classifier-free guidance), `zero-star[:zero-init-steps=N]` (CFG-Zero*: the negative
-    /// prediction rescaled by its projection on the prompt's; the first N steps zeroed) or
+    /// prediction rescaled by its projection on the prompt's; the first N steps zeroed),
     /// `apg[:eta=X,momentum=X,norm-threshold=X]` (adaptive projected guidance: the guidance
-    /// direction's part parallel to the prediction weighted by eta, default 0). Default: the
-    /// model's (cfg unless its sora.json says otherwise).
+    /// direction's part parallel to the prediction weighted by eta, default 0) or `fdg[:high=X]`
+    /// (frequency-decoupled guidance: each frame's low band guided at --cfg, its high band at X,
+    /// default 1). Default: the model's (cfg unless its sora.json says otherwise).
     #[arg(long, value_name = "SPEC")]
     pub guider: Option<Guider>,
 

@@ -247,6 +247,12 @@ fn predict(
         .transformer
         .forward_guided(x, &tt, &ctx2, (0, 0, 0))
         .context("denoising step")?;
+    split_predictions(v, b, guided)
+}
+
+/// `[cond…, uncond…]` (2·`b` rows when `guided`, else `b`) as the conditional and unconditional
+/// predictions.
+fn split_predictions(v: Tensor, b: usize, guided: bool) -> Result<(Tensor, Option<Tensor>)> {
     if guided {
         Ok((v.narrow(0, 0, b)?, Some(v.narrow(0, b, b)?)))
     } else {
@@ -313,12 +319,7 @@ fn windowed_predict(
             }
         }
     }
-    let v = blender.finish(latents.device())?;
-    if guided {
-        Ok((v.narrow(0, 0, dims.0)?, Some(v.narrow(0, dims.0, dims.0)?)))
-    } else {
-        Ok((v, None))
-    }
+    split_predictions(blender.finish(latents.device())?, dims.0, guided)
 }
 
 /// Pixel area above which the VAE decodes in spatial tiles.
@@ -480,9 +481,10 @@ pub fn generate(
         let v = if req.guider.zeroes_step(i) {
             latents.zeros_like()?
         } else {
+            let guided = g > 1.0;
             let (cond, uncond) = match &plan {
-                None => predict(model, &latents, t, &ctx, g > 1.0)?,
-                Some(p) => windowed_predict(model, &latents, t, &ctx, g > 1.0, p)?,
+                None => predict(model, &latents, t, &ctx, guided)?,
+                Some(p) => windowed_predict(model, &latents, t, &ctx, guided, p)?,
             };
             guidance.combine(g, &cond, uncond.as_ref())?
         };

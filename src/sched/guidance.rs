@@ -84,12 +84,14 @@ impl Guider {
 }
 
 /// The command-line form: `cfg`, `zero-star[:zero-init-steps=N]`,
-/// `apg[:eta=X,momentum=X,norm-threshold=X]` (settings left out take the defaults above).
+/// `apg[:eta=X,momentum=X,norm-threshold=X]`, `fdg[:high=X]` (settings left out take the
+/// defaults above; FDG's `high` 1).
 impl std::str::FromStr for Guider {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
         let (kind, settings) = s.split_once(':').unwrap_or((s, ""));
+        let kind = kind.trim();
         let mut pairs = Vec::new();
         for kv in settings.split(',').filter(|kv| !kv.trim().is_empty()) {
             let Some((k, v)) = kv.split_once('=') else {
@@ -97,7 +99,7 @@ impl std::str::FromStr for Guider {
             };
             pairs.push((k.trim(), v.trim()));
         }
-        let known: &[&str] = match kind.trim() {
+        let known: &[&str] = match kind {
             "cfg" => &[],
             "zero-star" => &["zero-init-steps"],
             "apg" => &["eta", "momentum", "norm-threshold"],
@@ -109,8 +111,7 @@ impl std::str::FromStr for Guider {
         for (k, _) in &pairs {
             if !known.contains(k) {
                 anyhow::bail!(
-                    "guider {:?} has no setting {k:?}: it takes {}",
-                    kind.trim(),
+                    "guider {kind:?} has no setting {k:?}: it takes {}",
                     if known.is_empty() {
                         "none".to_string()
                     } else {
@@ -131,7 +132,7 @@ impl std::str::FromStr for Guider {
                 })
                 .transpose()
         };
-        let g = match kind.trim() {
+        let g = match kind {
             "cfg" => Guider::Cfg,
             "zero-star" => {
                 let n = num("zero-init-steps")?.unwrap_or(0.0);
