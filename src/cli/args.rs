@@ -85,6 +85,19 @@ pub struct TrainArgs {
     /// (0 skips it).
     #[arg(long, value_name = "N")]
     pub decoder_dit_steps: Option<u64>,
+    /// What that stage trains the decoder to draw from the DiT's predictions: `decoded` (the
+    /// recipe's), the frozen decoder's reconstruction of the clean latent; `rendered`, the clip
+    /// the latent was encoded from.
+    #[arg(long, value_name = "TARGET")]
+    pub decoder_dit_target: Option<crate::train::recipe::DecoderTarget>,
+    /// Share of that stage's samples decoded from the clean latent instead of the DiT's
+    /// prediction (the recipe's: 0).
+    #[arg(long, value_name = "P")]
+    pub decoder_dit_clean: Option<f64>,
+    /// That stage noises training latents to σ ~ U(0.1, S) before the DiT predicts them (the
+    /// recipe's: 0.6).
+    #[arg(long, value_name = "S")]
+    pub decoder_dit_sigma_max: Option<f64>,
     /// Override the VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<u64>,

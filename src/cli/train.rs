@@ -71,6 +71,21 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
     if let Some(s) = a.decoder_dit_steps {
         r.decoder_dit_steps = s;
     }
+    if let Some(t) = a.decoder_dit_target {
+        r.decoder_dit_target = t;
+    }
+    if let Some(p) = a.decoder_dit_clean {
+        if !(p.is_finite() && (0.0..=1.0).contains(&p)) {
+            anyhow::bail!("--decoder-dit-clean must be a probability in [0, 1], got {p}");
+        }
+        r.decoder_dit_clean = p;
+    }
+    if let Some(s) = a.decoder_dit_sigma_max {
+        if !(s.is_finite() && s > 0.1 && s <= 1.0) {
+            anyhow::bail!("--decoder-dit-sigma-max must be in (0.1, 1], got {s}");
+        }
+        r.decoder_dit_sigma_max = s;
+    }
     if let Some(n) = a.clips {
         if n == 0 {
             anyhow::bail!("--clips must be at least 1, got 0");

@@ -86,6 +86,10 @@ pub struct Recipe {
     /// keeps decoding the encoder's latents.
     #[serde(default)]
     pub decoder_dit_clean: f64,
+    /// What that stage trains the decoder to draw (the frozen decoder's own reconstruction of
+    /// the clean latent in recipes before session 15).
+    #[serde(default)]
+    pub decoder_dit_target: DecoderTarget,
     pub seed: u64,
     /// Inference defaults written to `sora.json`.
     pub steps: usize,
@@ -101,6 +105,19 @@ pub struct Recipe {
     /// before session 14).
     #[serde(default)]
     pub guider: Guider,
+}
+
+/// The target of the decoder-dit stage ([`finetune_decoder_on_dit`]) for a training latent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderTarget {
+    /// The frozen decoder's reconstruction of the clean latent: the decoder learns to draw the
+    /// DiT's predictions as it draws the encoder's latents (its own rounding included).
+    #[default]
+    Decoded,
+    /// The rendered clip the latent was encoded from, object pixels weighted 4× as in the VAE
+    /// stage: the decoder learns to draw the DiT's predictions as the shapes they stand for.
+    Rendered,
 }
 
 fn unipc() -> SamplerKind {
@@ -177,6 +194,7 @@ impl Recipe {
             decoder_dit_steps: 0,
             decoder_dit_sigma_max: 0.6,
             decoder_dit_clean: 0.0,
+            decoder_dit_target: DecoderTarget::Decoded,
             seed: 2026,
             steps: 24,
             guidance: 3.0,
@@ -370,24 +388,8 @@ pub fn train_vae(
         let scenes = &scenes[rows];
         let (mean, _) = vae.encode(&x)?;
         let recon = vae.decode(&mean)?;
-        // Object pixels (those differing from the scene's background colour) weigh 4× more.
-        let bg: Vec<f32> = scenes
-            .iter()
-            .flat_map(|s| s.background.rgb().map(|v| v as f32 / 127.5 - 1.0))
-            .collect();
-        let bg = Tensor::from_vec(bg, (scenes.len(), 3, 1, 1, 1), &dev)?;
-        let obj = x
-            .broadcast_sub(&bg)?
-            .abs()?
-            .sum_keepdim(1)?
-            .gt(0.05)?
-            .to_dtype(DType::F32)?;
-        let weight = ((obj * 3.0)? + 1.0)?;
-        let diff = (recon - &x)?;
-        let l1 = diff.abs()?.broadcast_mul(&weight)?.mean_all()?;
-        let l2 = diff.sqr()?.broadcast_mul(&weight)?.mean_all()?;
         let reg = (mean.sqr()?.mean_all()? * 1e-4)?;
-        Ok((((l1 + l2)? + reg)? * shard.share(r.vae_batch))?)
+        Ok(((object_weighted_l1_l2(&recon, &x, scenes)? + reg)? * shard.share(r.vae_batch))?)
     })?;
     crate::nn::set_differentiable(false);
     if !outcome.finished {
@@ -401,6 +403,57 @@ pub fn train_vae(
     save_tensors(&weights, &out.join("diffusion_pytorch_model.safetensors"))?;
     write_json(&out.join("config.json"), &vae_config_json(&r.vae))?;
     Ok(true)
+}
+
+/// The VAE's reconstruction loss of `recon` against rendered clips `x` (`[B, 3, F, H, W]` in
+/// [-1, 1]) of `scenes`: L1 + L2, with object pixels (those differing from their scene's
+/// background colour) weighing 4×.
+fn object_weighted_l1_l2(recon: &Tensor, x: &Tensor, scenes: &[Scene]) -> Result<Tensor> {
+    let bg: Vec<f32> = scenes
+        .iter()
+        .flat_map(|s| s.background.rgb().map(|v| v as f32 / 127.5 - 1.0))
+        .collect();
+    let bg = Tensor::from_vec(bg, (scenes.len(), 3, 1, 1, 1), x.device())?;
+    let obj = x
+        .broadcast_sub(&bg)?
+        .abs()?
+        .sum_keepdim(1)?
+        .gt(0.05)?
+        .to_dtype(DType::F32)?;
+    let weight = ((obj * 3.0)? + 1.0)?;
+    let diff = (recon - x)?;
+    let l1 = diff.abs()?.broadcast_mul(&weight)?.mean_all()?;
+    let l2 = diff.sqr()?.broadcast_mul(&weight)?.mean_all()?;
+    Ok((l1 + l2)?)
+}
+
+/// Clips the encode stage renders per seed: clip `k` of the dataset is the `k % 8`-th scene
+/// drawn from `step_rng(seed, 2, k - k % 8)`.
+const ENCODE_CHUNK: usize = 8;
+
+/// The scenes of dataset clips `idx` (of `total` encoded by [`encode_dataset`]), drawn again
+/// from the seeds the encode stage drew them from.
+pub fn dataset_scenes(r: &Recipe, total: usize, idx: &[u32]) -> Vec<Scene> {
+    idx.iter()
+        .map(|&k| {
+            let k = k as usize;
+            let start = k - k % ENCODE_CHUNK;
+            let mut rng = step_rng(r.seed, 2, start as u64);
+            let n = ENCODE_CHUNK.min(total - start);
+            debug_assert!(k < total && k - start < n);
+            let mut scene = None;
+            for _ in 0..=k - start {
+                scene = Some(Scene::sample(
+                    &mut rng,
+                    r.width,
+                    r.height,
+                    r.frames,
+                    Split::Train,
+                ));
+            }
+            scene.expect("at least one scene drawn")
+        })
+        .collect()
 }
 
 /// Clips per step of the decoder fine-tune (stage 1b).
@@ -553,8 +606,9 @@ pub fn encode_dataset(
     };
     let mut lat = Vec::with_capacity(r.clips);
     let mut captions = Vec::with_capacity(r.clips);
-    // Chunks of 8 clips, each drawn from its own seed, encoded one chunk per thread at a time.
-    let chunk = 8;
+    // Chunks of 8 clips, each drawn from its own seed, encoded one chunk per thread at a time
+    // (`dataset_scenes` draws them again).
+    let chunk = ENCODE_CHUNK;
     let starts: Vec<usize> = (0..r.clips).step_by(chunk).collect();
     for group in starts.chunks(rayon::current_num_threads().max(1)) {
         if cancel() {
@@ -816,8 +870,10 @@ fn caption_embeddings(
 /// the DiT's guided predictions, rather than the encoder's latents. Each sample is a training
 /// latent noised to σ ~ U(0.1, `decoder_dit_sigma_max`) (or, with probability
 /// `decoder_dit_clean`, left clean), the frozen DiT's x0 prediction from it under the recipe's
-/// guidance (`x0 = x_σ − σ·v`), decoded; the loss (L1 + L2) is against the decoder's own
-/// reconstruction of the clean latent before this stage. The DiT's guided latents come out
+/// guidance (`x0 = x_σ − σ·v`, at the late scale below its threshold), decoded; the loss
+/// (L1 + L2) is against the decoder's own reconstruction of the clean latent before this stage,
+/// or with [`DecoderTarget::Rendered`] against the clip the latent was encoded from (object
+/// pixels weighted 4×). The DiT's guided latents come out
 /// smoother than the encoder's, and the decoder trained only on the latter draws them as rounded
 /// blobs (session 11: squares scored 10 of 32 seen prompts before this stage). Rewrites
 /// `dir/vae/`.
@@ -901,18 +957,44 @@ pub fn finetune_decoder_on_dit(
             let t = (Tensor::from_vec(sig.clone(), m, &dev)? * 1000.0)?;
             let v = dit.forward_guided(&xt, &t, &ctx, (0, 0, 0))?;
             let (cond, uncond) = (v.narrow(0, 0, m)?, v.narrow(0, m, m)?);
-            let v = (&uncond + ((cond - &uncond)? * r.guidance)?)?;
+            // Each row at the scale generation uses at its σ (the late scale below its
+            // threshold).
+            let g: Vec<f32> = sig
+                .iter()
+                .map(|&sg| match &r.cfg_late {
+                    Some(l) if (sg as f64) < l.below => l.scale as f32,
+                    _ => r.guidance as f32,
+                })
+                .collect();
+            let g = Tensor::from_vec(g, (m, 1, 1, 1, 1), &dev)?;
+            let v = (&uncond + (cond - &uncond)?.broadcast_mul(&g)?)?;
             let x0_hat = (xt - v.broadcast_mul(&s)?)?;
-            let target = frozen
-                .decode(&frozen.denormalize_latents(&x0)?)?
-                .clamp(-1f32, 1f32)?;
+            let target = match r.decoder_dit_target {
+                DecoderTarget::Decoded => frozen
+                    .decode(&frozen.denormalize_latents(&x0)?)?
+                    .clamp(-1f32, 1f32)?,
+                DecoderTarget::Rendered => Tensor::zeros(1, DType::F32, &dev)?,
+            };
             Ok((x0_hat, target))
         })();
         crate::nn::set_differentiable(true);
         let (x0_hat, target) = frozen_part?;
         let recon = vae.decode(&vae.denormalize_latents(&x0_hat.detach())?)?;
-        let diff = (recon - target.detach())?;
-        Ok(((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)? * shard.share(b))?)
+        let loss = match r.decoder_dit_target {
+            DecoderTarget::Decoded => {
+                let diff = (recon - target.detach())?;
+                (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?
+            }
+            DecoderTarget::Rendered => {
+                let scenes = dataset_scenes(r, n, &idx[rows.clone()]);
+                let clips = scenes
+                    .iter()
+                    .map(|s| Ok(world::render_tensor(s, r.width, r.height, r.frames, &dev)?))
+                    .collect::<Result<Vec<_>>>()?;
+                object_weighted_l1_l2(&recon, &Tensor::stack(&clips, 0)?, &scenes)?
+            }
+        };
+        Ok((loss * shard.share(b))?)
     })
 }
 

@@ -112,6 +112,32 @@ fn train_smoke_recipe_produces_a_loadable_model() {
             }
         }
     }
+    // The decoder-dit stage's rendered targets: the scenes drawn again for dataset clips are
+    // the ones encoded (the stored latents, recomputed from the re-rendered clips).
+    let r = smoke();
+    let stored = candle_core::safetensors::load(dir.join("latents.safetensors"), &Device::Cpu)
+        .unwrap()["latents"]
+        .clone();
+    let n = stored.dim(0).unwrap();
+    assert_eq!(n, r.clips);
+    let cfg: sora::models::wan::WanVaeConfig =
+        sora::weights::read_config(&dir.join("vae/config.json")).unwrap();
+    let vae = sora::models::wan::vae_keys::load_vae(&dir.join("vae"), &cfg, DType::F32, &Device::Cpu)
+        .unwrap();
+    let idx = [0u32, n as u32 - 1];
+    let scenes = sora::train::recipe::dataset_scenes(&r, n, &idx);
+    assert_ne!(scenes[0], scenes[1]);
+    for (s, &k) in scenes.iter().zip(&idx) {
+        let clip = world::render_tensor(s, r.width, r.height, r.frames, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (mean, _) = vae.encode(&clip).unwrap();
+        let again = vae.normalize_latents(&mean).unwrap().get(0).unwrap();
+        let want = stored.get(k as usize).unwrap();
+        let d = (again - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "clip {k}: re-rendered scene encodes {d} away from its stored latent");
+    }
     // The VAE-ceiling strips land beside the generated ones (names are slugs, cut to length).
     assert!(std::fs::read_dir(&dir).unwrap().any(|e| e
         .unwrap()
