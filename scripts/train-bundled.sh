@@ -9,10 +9,14 @@
 # recomputed for the new total:
 #   1. 7,000 steps (the recipe's first `train all`);
 #   2. resumed to 11,000 steps (v6);
-#   3. resumed to 16,000 steps (v7).
+#   3. resumed to 16,000 steps (v7),
+# then (session 15) the last stage, the VAE decoder fine-tuned for 600 steps to draw the final
+# DiT's guided predictions as the rendered clips (only after the last segment: the first two
+# skip it with --decoder-dit-steps 0).
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
 # loss (see weights/README.md), and float rounding depends on the number of batch shards.
-# About 1 h 52 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x ~0.34 s/step).
+# About 2 h 17 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x ~0.34 s/step;
+# decoder on the DiT 600 x ~2.45 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +30,7 @@ cargo build --release --locked
 sora=target/release/sora
 w=(--dit-object-weight 10 --dit-object-dilate 1)
 if [[ ! -f $out/work-dit/segment-7000-done ]]; then
-    "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}"
+    "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}" --decoder-dit-steps 0
     touch "$out/work-dit/segment-7000-done"
 fi
 for steps in 11000 16000; do
@@ -34,7 +38,9 @@ for steps in 11000 16000; do
         # The previous segment exported its DiT; remove it (its checkpoint stays in
         # work-dit/ckpt) so `train all` resumes the DiT instead of returning early.
         rm -rf "$out/transformer"
-        "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}"
+        last=()
+        [[ $steps == 16000 ]] || last=(--decoder-dit-steps 0)
+        "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}" "${last[@]}"
         touch "$out/work-dit/segment-$steps-done"
     fi
 done

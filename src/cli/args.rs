@@ -82,16 +82,16 @@ pub struct TrainArgs {
     #[arg(long, value_name = "P")]
     pub dit_cfg_dropout: Option<f64>,
     /// Override the steps of the last stage, the decoder fine-tune on the DiT's predictions
-    /// (0 skips it).
+    /// (the recipe's: 600; 0 skips it).
     #[arg(long, value_name = "N")]
     pub decoder_dit_steps: Option<u64>,
-    /// What that stage trains the decoder to draw from the DiT's predictions: `decoded` (the
-    /// recipe's), the frozen decoder's reconstruction of the clean latent; `rendered`, the clip
-    /// the latent was encoded from.
+    /// What that stage trains the decoder to draw from the DiT's predictions: `rendered` (the
+    /// recipe's), the clip the latent was encoded from; `decoded`, the frozen decoder's
+    /// reconstruction of the clean latent.
     #[arg(long, value_name = "TARGET")]
     pub decoder_dit_target: Option<crate::train::recipe::DecoderTarget>,
     /// Share of that stage's samples decoded from the clean latent instead of the DiT's
-    /// prediction (the recipe's: 0).
+    /// prediction (the recipe's: 0.25).
     #[arg(long, value_name = "P")]
     pub decoder_dit_clean: Option<f64>,
     /// That stage noises training latents to σ ~ U(0.1, S) before the DiT predicts them (the

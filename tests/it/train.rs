@@ -122,8 +122,9 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(n, r.clips);
     let cfg: sora::models::wan::WanVaeConfig =
         sora::weights::read_config(&dir.join("vae/config.json")).unwrap();
-    let vae = sora::models::wan::vae_keys::load_vae(&dir.join("vae"), &cfg, DType::F32, &Device::Cpu)
-        .unwrap();
+    let vae =
+        sora::models::wan::vae_keys::load_vae(&dir.join("vae"), &cfg, DType::F32, &Device::Cpu)
+            .unwrap();
     let idx = [0u32, n as u32 - 1];
     let scenes = sora::train::recipe::dataset_scenes(&r, n, &idx);
     assert_ne!(scenes[0], scenes[1]);
@@ -135,8 +136,18 @@ fn train_smoke_recipe_produces_a_loadable_model() {
         let (mean, _) = vae.encode(&clip).unwrap();
         let again = vae.normalize_latents(&mean).unwrap().get(0).unwrap();
         let want = stored.get(k as usize).unwrap();
-        let d = (again - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-4, "clip {k}: re-rendered scene encodes {d} away from its stored latent");
+        let d = (again - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d < 1e-4,
+            "clip {k}: re-rendered scene encodes {d} away from its stored latent"
+        );
     }
     // The VAE-ceiling strips land beside the generated ones (names are slugs, cut to length).
     assert!(std::fs::read_dir(&dir).unwrap().any(|e| e
