@@ -595,6 +595,11 @@ mod tests {
             ..o("x")
         };
         assert!(resolve_job(&r, &ov, 0, None, None, 1).is_ok());
+        // FDG's high-band scale defaults to 1 in sora.json as on the command line.
+        let fdg: crate::sched::guidance::Guider =
+            serde_json::from_str(r#"{"kind": "fdg"}"#).unwrap();
+        assert_eq!(fdg, "fdg".parse().unwrap());
+        assert_eq!(fdg, crate::sched::guidance::Guider::Fdg { high: 1.0 });
     }
 
     #[test]

@@ -39,8 +39,16 @@ pub enum Guider {
     /// Frequency-decoupled guidance (Sadat et al. 2025): a two-level Laplacian pyramid over
     /// each frame's height × width splits the predictions into a low-frequency band (layout,
     /// colour, the object's blob) guided at the step's scale, and a high-frequency band (edges
-    /// and corners) guided at `high`.
-    Fdg { high: f64 },
+    /// and corners) guided at `high` (1 when left out, in `sora.json` as on the command line).
+    Fdg {
+        #[serde(default = "fdg_high")]
+        high: f64,
+    },
+}
+
+/// FDG's high-band scale when none is given.
+fn fdg_high() -> f64 {
+    1.0
 }
 
 impl Guider {
@@ -144,7 +152,7 @@ impl std::str::FromStr for Guider {
                 }
             }
             "fdg" => Guider::Fdg {
-                high: num("high")?.unwrap_or(1.0),
+                high: num("high")?.unwrap_or_else(fdg_high),
             },
             _ => Guider::Apg {
                 eta: num("eta")?.unwrap_or(0.0),
