@@ -947,7 +947,7 @@ pub fn finetune_decoder_on_dit(
         // The frozen DiT's guided x0 prediction and the frozen decoder's target, on this
         // shard's thread in inference mode.
         crate::nn::set_differentiable(false);
-        let frozen_part = (|| -> Result<(Tensor, Tensor)> {
+        let frozen_part = (|| -> Result<(Tensor, Option<Tensor>)> {
             let s = Tensor::from_vec(sig.clone(), (m, 1, 1, 1, 1), &dev)?;
             let xt = (x0.broadcast_mul(&(1.0 - &s)?)? + noise.broadcast_mul(&s)?)?;
             let mut ctx: Vec<Tensor> = texts[rows.clone()]
@@ -971,23 +971,26 @@ pub fn finetune_decoder_on_dit(
             let g = Tensor::from_vec(g, (m, 1, 1, 1, 1), &dev)?;
             let v = (&uncond + (cond - &uncond)?.broadcast_mul(&g)?)?;
             let x0_hat = (xt - v.broadcast_mul(&s)?)?;
-            let target = match r.decoder_dit_target {
-                DecoderTarget::Decoded => frozen
-                    .decode(&frozen.denormalize_latents(&x0)?)?
-                    .clamp(-1f32, 1f32)?,
-                DecoderTarget::Rendered => Tensor::zeros(1, DType::F32, &dev)?,
+            // The frozen decoder's reconstruction, for the `decoded` target only.
+            let decoded = match r.decoder_dit_target {
+                DecoderTarget::Decoded => Some(
+                    frozen
+                        .decode(&frozen.denormalize_latents(&x0)?)?
+                        .clamp(-1f32, 1f32)?,
+                ),
+                DecoderTarget::Rendered => None,
             };
-            Ok((x0_hat, target))
+            Ok((x0_hat, decoded))
         })();
         crate::nn::set_differentiable(true);
-        let (x0_hat, target) = frozen_part?;
+        let (x0_hat, decoded) = frozen_part?;
         let recon = vae.decode(&vae.denormalize_latents(&x0_hat.detach())?)?;
-        let loss = match r.decoder_dit_target {
-            DecoderTarget::Decoded => {
+        let loss = match decoded {
+            Some(target) => {
                 let diff = (recon - target.detach())?;
                 (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?
             }
-            DecoderTarget::Rendered => {
+            None => {
                 let scenes = dataset_scenes(r, n, &idx[rows.clone()]);
                 let clips = scenes
                     .iter()
