@@ -439,21 +439,14 @@ pub fn dataset_scenes(r: &Recipe, total: usize, idx: &[u32]) -> Vec<Scene> {
     idx.iter()
         .map(|&k| {
             let k = k as usize;
+            assert!(k < total, "clip {k} of a dataset of {total}");
             let start = k - k % ENCODE_CHUNK;
             let mut rng = step_rng(r.seed, 2, start as u64);
-            let n = ENCODE_CHUNK.min(total - start);
-            debug_assert!(k < total && k - start < n);
-            let mut scene = None;
-            for _ in 0..=k - start {
-                scene = Some(Scene::sample(
-                    &mut rng,
-                    r.width,
-                    r.height,
-                    r.frames,
-                    Split::Train,
-                ));
-            }
-            scene.expect("at least one scene drawn")
+            std::iter::repeat_with(|| {
+                Scene::sample(&mut rng, r.width, r.height, r.frames, Split::Train)
+            })
+            .nth(k - start)
+            .expect("an endless iterator")
         })
         .collect()
 }

@@ -136,17 +136,11 @@ fn train_smoke_recipe_produces_a_loadable_model() {
         let (mean, _) = vae.encode(&clip).unwrap();
         let again = vae.normalize_latents(&mean).unwrap().get(0).unwrap();
         let want = stored.get(k as usize).unwrap();
-        let d = (again - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            d < 1e-4,
-            "clip {k}: re-rendered scene encodes {d} away from its stored latent"
+        crate::common::assert_close(
+            &format!("clip {k} re-rendered and encoded, against its stored latent"),
+            &again,
+            &want,
+            1e-4,
         );
     }
     // The VAE-ceiling strips land beside the generated ones (names are slugs, cut to length).
