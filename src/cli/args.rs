@@ -81,6 +81,10 @@ pub struct TrainArgs {
     /// trains the unconditional prediction classifier-free guidance extrapolates from.
     #[arg(long, value_name = "P")]
     pub dit_cfg_dropout: Option<f64>,
+    /// Draw the DiT's training clips whose captions hold WORD FACTOR times as often
+    /// (`--dit-oversample red=3`; repeatable, factors of several matched words multiply).
+    #[arg(long, value_name = "WORD=FACTOR", value_parser = parse_oversample)]
+    pub dit_oversample: Vec<(String, f64)>,
     /// Override the steps of the last stage, the decoder fine-tune on the DiT's predictions
     /// (the recipe's: 600; 0 skips it).
     #[arg(long, value_name = "N")]
@@ -94,6 +98,10 @@ pub struct TrainArgs {
     /// prediction (the recipe's: 0.25).
     #[arg(long, value_name = "P")]
     pub decoder_dit_clean: Option<f64>,
+    /// Draw that stage's training clips whose captions hold WORD FACTOR times as often (as
+    /// --dit-oversample; the recipe's: red=3).
+    #[arg(long, value_name = "WORD=FACTOR", value_parser = parse_oversample)]
+    pub decoder_dit_oversample: Vec<(String, f64)>,
     /// That stage noises training latents to σ ~ U(0.1, S) before the DiT predicts them (the
     /// recipe's: 0.6).
     #[arg(long, value_name = "S")]
@@ -148,6 +156,11 @@ pub struct EvalArgs {
     /// random, one per seed), encoded and decoded by the VAE, with no DiT involved.
     #[arg(long)]
     pub ceiling: bool,
+    /// Score these prompts instead of the built-in suites: a text file, one prompt per line
+    /// (blank lines and `#` comments skipped), each naming a colour, a shape and a motion of
+    /// the synthetic world; reported as the suite "prompts".
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
 }
 
 const GEN_EXAMPLES: &str = "Examples:
@@ -310,4 +323,27 @@ pub struct GenArgs {
     /// Print one JSON line per item (path, seconds, frames, seed, …) instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses `--dit-oversample WORD=FACTOR`.
+fn parse_oversample(s: &str) -> Result<(String, f64), String> {
+    let (word, factor) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected WORD=FACTOR (e.g. red=3), got {s:?}"))?;
+    let word = word.trim().to_lowercase();
+    if !crate::train::world::vocabulary().contains(&word) {
+        return Err(format!(
+            "{word:?} is not a word of the synthetic world's captions (e.g. red, square, up, gray)"
+        ));
+    }
+    let f: f64 = factor
+        .trim()
+        .parse()
+        .map_err(|_| format!("the factor of {word:?} must be a number, got {factor:?}"))?;
+    if !(f.is_finite() && f > 0.0) {
+        return Err(format!(
+            "the factor of {word:?} must be a positive number, got {f}"
+        ));
+    }
+    Ok((word, f))
 }

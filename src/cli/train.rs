@@ -62,6 +62,12 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         }
         r.cfg_dropout = p;
     }
+    if !a.dit_oversample.is_empty() {
+        r.dit_oversample = a.dit_oversample.clone();
+    }
+    if !a.decoder_dit_oversample.is_empty() {
+        r.decoder_dit_oversample = a.decoder_dit_oversample.clone();
+    }
     if let Some(n) = a.dit_layers {
         if n == 0 {
             anyhow::bail!("--dit-layers must be at least 1, got 0");
@@ -198,7 +204,7 @@ fn strip(frames: &[RgbFrame]) -> RgbFrame {
 /// the most the DiT could reach through this decoder.
 fn vae_ceiling(
     model: &WanModel,
-    split: Split,
+    prompts: &[String],
     seeds: std::ops::Range<u64>,
     label: &'static str,
     frames_out: Option<&Path>,
@@ -207,7 +213,7 @@ fn vae_ceiling(
     use rand::SeedableRng;
     let defaults = &model.defaults;
     let mut scores = Vec::new();
-    for (pi, prompt) in prompt_suite(split).iter().enumerate() {
+    for (pi, prompt) in prompts.iter().enumerate() {
         let p = world::parse_prompt(prompt)
             .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
         let bg = p.background.unwrap_or(world::Background::Black);
@@ -270,20 +276,32 @@ pub struct EvalReport {
     pub clips: Vec<EvalClip>,
 }
 
-/// Scores `model` on the seen and held-out prompt suites (one clip per prompt and seed), each
-/// followed, with `ceiling`, by the VAE's ceiling on the same suite (see [`vae_ceiling`]).
-/// With `frames_out`, every clip's frames are written there as a PNG strip.
+/// The built-in prompt suites: "seen" (combinations trained on) and "held-out" (combinations
+/// never rendered for training).
+pub fn builtin_suites() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("seen", prompt_suite(Split::Train)),
+        ("held-out", prompt_suite(Split::HeldOut)),
+    ]
+}
+
+/// Scores `model` on prompt suites (one clip per prompt and seed), each followed, with
+/// `ceiling`, by the VAE's ceiling on the same suite (see [`vae_ceiling`]). Every prompt must
+/// parse as a synthetic-world prompt. With `frames_out`, every clip's frames are written there
+/// as a PNG strip.
 pub fn eval_suites(
     model: &WanModel,
+    suites: &[(&'static str, Vec<String>)],
     seeds: std::ops::Range<u64>,
     ceiling: bool,
     frames_out: Option<&Path>,
 ) -> Result<EvalReport> {
     let mut report = Vec::new();
     let mut clips = Vec::new();
-    for (label, split) in [("seen", Split::Train), ("held-out", Split::HeldOut)] {
+    for (label, prompts) in suites {
+        let label = *label;
         let mut scores = Vec::new();
-        for (pi, prompt) in prompt_suite(split).iter().enumerate() {
+        for (pi, prompt) in prompts.iter().enumerate() {
             let parsed = world::parse_prompt(prompt)
                 .with_context(|| format!("suite prompt {prompt:?} does not parse"))?;
             for seed in seeds.clone() {
@@ -311,7 +329,7 @@ pub fn eval_suites(
         if ceiling {
             report.push((
                 format!("{label} (VAE)"),
-                vae_ceiling(model, split, seeds.clone(), label, frames_out, &mut clips)?,
+                vae_ceiling(model, prompts, seeds.clone(), label, frames_out, &mut clips)?,
             ));
         }
     }
@@ -319,6 +337,40 @@ pub fn eval_suites(
         suites: report,
         clips,
     })
+}
+
+/// Reads `sora eval --prompts FILE`: one synthetic-world prompt per line (blank lines and
+/// lines starting with `#` skipped). Every line that does not parse is named in the error.
+pub fn read_eval_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the prompt file {}", path.display()))?;
+    let mut prompts = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if world::parse_prompt(line).is_none() {
+            bad.push(format!("line {}: {line:?}", i + 1));
+        } else {
+            prompts.push(line.to_string());
+        }
+    }
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{}: {} prompt(s) the scorer cannot read ({}); `sora eval` scores synthetic-world \
+             prompts naming one colour, one shape (circle, square, triangle) and one motion \
+             (left, right, up, down), e.g. \"a red circle moving right on a black background\"",
+            path.display(),
+            bad.len(),
+            bad.join("; ")
+        );
+    }
+    if prompts.is_empty() {
+        anyhow::bail!("{} holds no prompts", path.display());
+    }
+    Ok(prompts)
 }
 
 /// One clip of `sora eval --json`.
@@ -356,10 +408,20 @@ pub fn run_eval(a: EvalArgs) -> Result<i32> {
     }
     let t0 = Instant::now();
     let seeds = a.first_seed..a.first_seed.saturating_add(a.seeds);
+    let suites = match &a.prompts {
+        Some(p) => vec![("prompts", read_eval_prompts(p)?)],
+        None => builtin_suites(),
+    };
     let EvalReport {
         suites: report,
         clips,
-    } = eval_suites(&model, seeds.clone(), a.ceiling, a.frames_out.as_deref())?;
+    } = eval_suites(
+        &model,
+        &suites,
+        seeds.clone(),
+        a.ceiling,
+        a.frames_out.as_deref(),
+    )?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
         let clips: Vec<serde_json::Value> = clips.iter().map(clip_json).collect();

@@ -57,6 +57,11 @@ pub struct Recipe {
     pub dit_init: Option<PathBuf>,
     /// Probability of training on the empty caption (classifier-free guidance).
     pub cfg_dropout: f64,
+    /// Caption words whose clips the DiT stage draws more often: a clip whose captions hold
+    /// the word is drawn `factor` times as often as one without (factors of several matched
+    /// words multiply). Empty (the default): every clip equally often.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dit_oversample: Vec<(String, f64)>,
     /// Shift applied to the DiT's logit-normal training σ (`s·σ / (1 + (s−1)·σ)`, as the
     /// sampler shifts its schedule): above 1 it trains more at high noise, where the layout
     /// and colours are decided from the text alone.
@@ -90,6 +95,9 @@ pub struct Recipe {
     /// the clean latent in recipes before session 15).
     #[serde(default)]
     pub decoder_dit_target: DecoderTarget,
+    /// Caption words whose clips that stage draws more often (as [`Self::dit_oversample`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decoder_dit_oversample: Vec<(String, f64)>,
     pub seed: u64,
     /// Inference defaults written to `sora.json`.
     pub steps: usize,
@@ -186,6 +194,7 @@ impl Recipe {
             dit_lr: 5e-4,
             dit_init: None,
             cfg_dropout: 0.1,
+            dit_oversample: Vec::new(),
             dit_sigma_shift: 3.0,
             dit_object_weight: 10.0,
             dit_object_dilate: 1,
@@ -197,6 +206,7 @@ impl Recipe {
             decoder_dit_sigma_max: 0.6,
             decoder_dit_clean: 0.25,
             decoder_dit_target: DecoderTarget::Rendered,
+            decoder_dit_oversample: Vec::new(),
             seed: 2026,
             steps: 24,
             guidance: 3.0,
@@ -704,7 +714,6 @@ pub fn train_dit(
     }
     let (tok, enc) = text_stack(r, dir, &dev)?;
     let (latents, caps) = load_latent_dataset(dir, &dev)?;
-    let n = latents.dim(0)?;
     let obj_w = if r.dit_object_weight > 0.0 {
         Some(object_weights(
             &latents,
@@ -743,10 +752,11 @@ pub fn train_dit(
     };
     let work = dir.join("work-dit");
     std::fs::create_dir_all(&work)?;
+    let draw = ClipSampler::new(&caps.captions, &r.dit_oversample);
     let outcome = train_loop(&cfg, &ps, &work, cancel, &|step, shard| {
         let mut rng = step_rng(r.seed, 3, step);
         let b = r.dit_batch;
-        let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+        let idx: Vec<u32> = (0..b).map(|_| draw.sample(&mut rng)).collect();
         let idx_t = Tensor::new(idx.as_slice(), &dev)?;
         let x0 = latents.index_select(&idx_t, 0)?;
         let texts: Vec<String> = idx
@@ -808,6 +818,55 @@ pub fn train_dit(
     c["_class_name"] = "WanTransformer3DModel".into();
     write_json(&out.join("config.json"), &c)?;
     Ok(true)
+}
+
+/// Draws training clips, uniformly or, with oversampled caption words, in proportion to each
+/// clip's weight (the product of the factors of the words its captions hold).
+pub struct ClipSampler {
+    /// Cumulative weights; `None`: uniform.
+    cumulative: Option<Vec<f64>>,
+    n: u32,
+}
+
+impl ClipSampler {
+    pub fn new(captions: &[Vec<String>], oversample: &[(String, f64)]) -> Self {
+        let n = captions.len() as u32;
+        if oversample.is_empty() {
+            return Self {
+                cumulative: None,
+                n,
+            };
+        }
+        let mut total = 0.0;
+        let cumulative = captions
+            .iter()
+            .map(|caps| {
+                let words: Vec<String> = caps.iter().flat_map(|c| world::words(c)).collect();
+                let w: f64 = oversample
+                    .iter()
+                    .filter(|(word, _)| words.iter().any(|x| x == word))
+                    .map(|(_, f)| *f)
+                    .product();
+                total += w;
+                total
+            })
+            .collect();
+        Self {
+            cumulative: Some(cumulative),
+            n,
+        }
+    }
+
+    /// One clip index (the uniform case draws exactly as recipes before oversampling did).
+    pub fn sample(&self, rng: &mut impl Rng) -> u32 {
+        match &self.cumulative {
+            None => rng.random_range(0..self.n),
+            Some(c) => {
+                let u = rng.random::<f64>() * c[c.len() - 1];
+                c.partition_point(|&x| x <= u).min(c.len() - 1) as u32
+            }
+        }
+    }
 }
 
 /// The encoded dataset of `dir`: latents `[N, z, T', h, w]` and their captions.
@@ -893,6 +952,7 @@ pub fn finetune_decoder_on_dit(
     let vae_dir = dir.join("vae");
     let cfg: WanVaeConfig = crate::weights::read_config(&vae_dir.join("config.json"))?;
     let (latents, caps) = load_latent_dataset(dir, &dev)?;
+    let draw = ClipSampler::new(&caps.captions, &r.decoder_dit_oversample);
     let n = latents.dim(0)?;
     // The frozen parts, in inference mode: text embeddings, the DiT, the decoder as it was.
     crate::nn::set_differentiable(false);
@@ -913,7 +973,7 @@ pub fn finetune_decoder_on_dit(
     tune_decoder(dir, &cfg, &tune, opts, cancel, &|vae, step, shard| {
         let mut rng = step_rng(r.seed, 6, step);
         let b = DECODER_BATCH;
-        let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+        let idx: Vec<u32> = (0..b).map(|_| draw.sample(&mut rng)).collect();
         let texts: Vec<&str> = idx
             .iter()
             .map(|i| caps.captions[*i as usize][rng.random_range(0..3)].as_str())

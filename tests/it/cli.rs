@@ -732,7 +732,7 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
     // Each rejected flag, and what its error must quote.
-    let cases: [(&[&str], &str, &str); 7] = [
+    let cases: [(&[&str], &str, &str); 10] = [
         (&["--dit-object-weight=-1"], "--dit-object-weight", "-1"),
         (&["--dit-sigma-shift", "0"], "--dit-sigma-shift", "got 0"),
         (&["--dit-cfg-dropout", "1"], "--dit-cfg-dropout", "got 1"),
@@ -743,6 +743,21 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
             &["--dit-init", "/no/such/model"],
             "--dit-init",
             "/no/such/model: no such file",
+        ),
+        (
+            &["--dit-oversample", "red"],
+            "--dit-oversample",
+            "WORD=FACTOR",
+        ),
+        (
+            &["--dit-oversample", "kite=2"],
+            "--dit-oversample",
+            "\"kite\" is not a word",
+        ),
+        (
+            &["--dit-oversample", "red=-2"],
+            "--dit-oversample",
+            "got -2",
         ),
     ];
     for (flag, name, value) in cases {
@@ -778,6 +793,12 @@ fn train_dit_override_flags_reach_the_recipe() {
             "3",
             "--dit-cfg-dropout",
             "0.25",
+            "--dit-oversample",
+            "Red=3",
+            "--dit-oversample",
+            "square=2",
+            "--decoder-dit-oversample",
+            "red=3",
             "--out",
         ])
         .arg(&out));
@@ -788,6 +809,12 @@ fn train_dit_override_flags_reach_the_recipe() {
     assert_eq!(r["dit_sigma_shift"], 1.5, "{r}");
     assert_eq!(r["dit"]["num_layers"], 3, "{r}");
     assert_eq!(r["cfg_dropout"], 0.25, "{r}");
+    assert_eq!(
+        r["dit_oversample"],
+        serde_json::json!([["red", 3.0], ["square", 2.0]]),
+        "{r}"
+    );
+    assert_eq!(r["decoder_dit_oversample"], serde_json::json!([["red", 3.0]]), "{r}");
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());

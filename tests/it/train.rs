@@ -59,7 +59,14 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(frames, again);
 
     // `sora eval`: both suites, each followed by the VAE's ceiling on the same prompts.
-    let full = sora::cli::train::eval_suites(&model, 0..1, true, Some(&dir)).unwrap();
+    let full = sora::cli::train::eval_suites(
+        &model,
+        &sora::cli::train::builtin_suites(),
+        0..1,
+        true,
+        Some(&dir),
+    )
+    .unwrap();
     let report = &full.suites;
     let labels: Vec<(&str, usize)> = report.iter().map(|(l, s)| (l.as_str(), s.n)).collect();
     assert_eq!(
@@ -82,9 +89,63 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(full.clips.len(), 2 * (24 + 16));
     assert!(full.clips.iter().all(|c| c.seed == 0), "seeds 0..1");
     // `--first-seed`: a later range of seeds, generated clips only.
-    let later = sora::cli::train::eval_suites(&model, 3..4, false, None).unwrap();
+    let later = sora::cli::train::eval_suites(
+        &model,
+        &sora::cli::train::builtin_suites(),
+        3..4,
+        false,
+        None,
+    )
+    .unwrap();
     assert_eq!(later.clips.len(), 24 + 16);
     assert!(later.clips.iter().all(|c| c.seed == 3 && !c.vae_ceiling));
+    // `sora eval --prompts FILE`: the given prompts as one suite, "prompts", with its ceiling.
+    let file = dir.join("eval-prompts.txt");
+    std::fs::write(
+        &file,
+        "# two prompts\na green square moving up on a gray background\n\nblue circle sliding left\n",
+    )
+    .unwrap();
+    let prompts = sora::cli::train::read_eval_prompts(&file).unwrap();
+    assert_eq!(
+        prompts,
+        [
+            "a green square moving up on a gray background",
+            "blue circle sliding left"
+        ]
+    );
+    let own =
+        sora::cli::train::eval_suites(&model, &[("prompts", prompts)], 5..7, true, None).unwrap();
+    let labels: Vec<(&str, usize)> = own.suites.iter().map(|(l, s)| (l.as_str(), s.n)).collect();
+    assert_eq!(labels, [("prompts", 4), ("prompts (VAE)", 4)]);
+    assert!(own.clips.iter().all(|c| c.suite == "prompts"));
+    assert_eq!(own.clips[2].prompt, "blue circle sliding left");
+    assert_eq!(own.clips[2].seed, 5);
+    // Lines the scorer cannot read are all named, with what it can read.
+    std::fs::write(
+        &file,
+        "a red circle moving right\na red kite over a beach\nred square\n",
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        sora::cli::train::read_eval_prompts(&file).unwrap_err()
+    );
+    for want in [
+        "2 prompt(s)",
+        "line 2: \"a red kite over a beach\"",
+        "line 3: \"red square\"",
+        "one colour",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    assert!(!err.contains("line 1"), "{err}");
+    std::fs::write(&file, "# nothing\n\n").unwrap();
+    let err = format!(
+        "{:#}",
+        sora::cli::train::read_eval_prompts(&file).unwrap_err()
+    );
+    assert!(err.contains("holds no prompts"), "{err}");
     for (label, s) in report {
         let (suite, vae) = match label.strip_suffix(" (VAE)") {
             Some(l) => (l, true),
@@ -507,4 +568,39 @@ fn dit_weighted_loss_is_the_mse_under_unit_weights_and_follows_the_weights() {
     let weighted = scalar(flow_matching_loss(&v, &target, Some(&wt)).unwrap());
     let n = (t * h * w) as f32;
     assert!((weighted - 5.0 / (n + 4.0)).abs() < 1e-6, "{weighted}");
+}
+
+#[test]
+fn dit_clip_sampler_oversamples_caption_words() {
+    use rand::{Rng, SeedableRng};
+    use sora::train::recipe::ClipSampler;
+    let caps: Vec<Vec<String>> = [
+        "a red circle moving up on a black background",
+        "a blue square moving up on a gray background",
+        "a red square moving left and a green circle moving up on a navy background",
+        "a green triangle moving down on a black background",
+    ]
+    .iter()
+    .map(|c| vec![c.to_string()])
+    .collect();
+    // Without oversampling, the draws are exactly the uniform ones of older recipes.
+    let uniform = ClipSampler::new(&caps, &[]);
+    let mut a = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut b = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for _ in 0..100 {
+        assert_eq!(uniform.sample(&mut a), b.random_range(0..4u32));
+    }
+    // red ×3, square ×2: weights 3, 2, 6, 1 of 12.
+    let over = ClipSampler::new(&caps, &[("red".into(), 3.0), ("square".into(), 2.0)]);
+    let n = 120_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[over.sample(&mut a) as usize] += 1;
+    }
+    for (i, w) in [3.0, 2.0, 6.0, 1.0].iter().enumerate() {
+        let got = counts[i] as f64 / n as f64;
+        let want = w / 12.0;
+        // Binomial standard error at most 0.0015 here; 4 of them.
+        assert!((got - want).abs() < 0.006, "clip {i}: {got} against {want}");
+    }
 }
