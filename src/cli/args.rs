@@ -85,6 +85,10 @@ pub struct TrainArgs {
     /// (`--dit-oversample red=3`; repeatable, factors of several matched words multiply).
     #[arg(long, value_name = "WORD=FACTOR", value_parser = parse_oversample)]
     pub dit_oversample: Vec<(String, f64)>,
+    /// Train the text encoder with the DiT (same optimiser and learning rate; its EMA weights
+    /// replace `text_encoder/`) instead of keeping it frozen at its random initialisation.
+    #[arg(long)]
+    pub dit_train_text: bool,
     /// Override the steps of the last stage, the decoder fine-tune on the DiT's predictions
     /// (the recipe's: 600; 0 skips it).
     #[arg(long, value_name = "N")]
@@ -99,7 +103,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "P")]
     pub decoder_dit_clean: Option<f64>,
     /// Draw that stage's training clips whose captions hold WORD FACTOR times as often (as
-    /// --dit-oversample; the recipe's: red=3).
+    /// --dit-oversample; the recipe draws every clip equally often).
     #[arg(long, value_name = "WORD=FACTOR", value_parser = parse_oversample)]
     pub decoder_dit_oversample: Vec<(String, f64)>,
     /// That stage noises training latents to σ ~ U(0.1, S) before the DiT predicts them (the

@@ -65,6 +65,9 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
     if !a.dit_oversample.is_empty() {
         r.dit_oversample = a.dit_oversample.clone();
     }
+    if a.dit_train_text {
+        r.dit_train_text = true;
+    }
     if !a.decoder_dit_oversample.is_empty() {
         r.decoder_dit_oversample = a.decoder_dit_oversample.clone();
     }

@@ -32,7 +32,9 @@ pub fn attention(
 }
 
 fn direct(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    if super::fused::fast_grads(q) {
+    // The fused node takes the bias as a constant; a bias that trains (UMT5's relative
+    // position bias, when the text encoder trains) takes the composed graph, which reaches it.
+    if super::fused::fast_grads(q) && !bias.is_some_and(Tensor::track_op) {
         return super::fused::attention_trainable(q, k, v, scale, bias);
     }
     let dtype = q.dtype();

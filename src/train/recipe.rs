@@ -62,6 +62,11 @@ pub struct Recipe {
     /// words multiply). Empty (the default): every clip equally often.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dit_oversample: Vec<(String, f64)>,
+    /// Trains the text encoder jointly with the DiT (same optimiser, learning rate and EMA)
+    /// and rewrites `text_encoder/` with it; false (the default): the encoder stays frozen at
+    /// its random initialisation and caption embeddings are computed once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dit_train_text: bool,
     /// Shift applied to the DiT's logit-normal training σ (`s·σ / (1 + (s−1)·σ)`, as the
     /// sampler shifts its schedule): above 1 it trains more at high noise, where the layout
     /// and colours are decided from the text alone.
@@ -195,6 +200,7 @@ impl Recipe {
             dit_init: None,
             cfg_dropout: 0.1,
             dit_oversample: Vec::new(),
+            dit_train_text: false,
             dit_sigma_shift: 3.0,
             dit_object_weight: 10.0,
             dit_object_dilate: 1,
@@ -727,16 +733,40 @@ pub fn train_dit(
     let mut varmap = VarMap::new();
     let dit =
         WanTransformer3DModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &r.dit)?;
-    let ps = params(&varmap);
+    let mut ps = params(&varmap);
     init_params(&ps, r.seed ^ 4)?;
     if let Some(init) = &r.dit_init {
         varmap
             .load(init)
             .with_context(|| format!("cannot start the DiT from {}", init.display()))?;
     }
-    crate::nn::set_differentiable(false);
-    let text_cache = caption_embeddings(r, &tok, &enc, &caps, &dev)?;
-    crate::nn::set_differentiable(true);
+    // Joint training: a second, trainable copy of the text encoder whose parameters join the
+    // DiT's under a prefix; frozen: every caption's embedding computed once.
+    let mut te_varmap = VarMap::new();
+    let (text_cache, train_enc) = if r.dit_train_text {
+        let e = Umt5Encoder::load(
+            VarBuilder::from_varmap(&te_varmap, DType::F32, &dev),
+            &r.text,
+        )?;
+        let file = dir.join("text_encoder").join("model.safetensors");
+        te_varmap.load(&file).with_context(|| {
+            format!(
+                "cannot load the text encoder to train from {}",
+                file.display()
+            )
+        })?;
+        ps.extend(
+            params(&te_varmap)
+                .into_iter()
+                .map(|(k, v)| (format!("{TEXT_PREFIX}{k}"), v)),
+        );
+        (HashMap::new(), Some(e))
+    } else {
+        crate::nn::set_differentiable(false);
+        let cache = caption_embeddings(r, &tok, &enc, &caps, &dev)?;
+        crate::nn::set_differentiable(true);
+        (cache, None)
+    };
     let cfg = LoopConfig {
         name: "dit".into(),
         steps: r.dit_steps,
@@ -769,11 +799,6 @@ pub fn train_dit(
                 }
             })
             .collect();
-        let rows: Vec<Tensor> = texts
-            .iter()
-            .map(|t| text_cache[t.as_str()].clone())
-            .collect();
-        let ctx = Tensor::stack(&rows, 0)?;
         let shift = r.dit_sigma_shift;
         let sig: Vec<f32> = (0..b)
             .map(|_| {
@@ -794,7 +819,21 @@ pub fn train_dit(
         let norm = flow_matching_norm(&x0, w.as_ref())?;
         let rows = shard.rows(b);
         let part = |t: &Tensor| t.narrow(0, rows.start, rows.len());
-        let (x0, noise, ctx) = (part(&x0)?, part(&noise)?, part(&ctx)?);
+        let (x0, noise) = (part(&x0)?, part(&noise)?);
+        let texts = &texts[rows.clone()];
+        let ctx = match &train_enc {
+            Some(e) => {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                encode_text(&tok, e, &refs, r.text_len, &dev)?
+            }
+            None => {
+                let rows: Vec<Tensor> = texts
+                    .iter()
+                    .map(|t| text_cache[t.as_str()].clone())
+                    .collect();
+                Tensor::stack(&rows, 0)?
+            }
+        };
         let w = w.as_ref().map(part).transpose()?;
         let sig = sig[rows.clone()].to_vec();
         let s = Tensor::from_vec(sig.clone(), (rows.len(), 1, 1, 1, 1), &dev)?;
@@ -808,17 +847,29 @@ pub fn train_dit(
     if !outcome.finished {
         return Ok(false);
     }
-    std::fs::create_dir_all(&out)?;
     let ema = outcome.ema.context("DiT training keeps an EMA")?;
-    save_tensors(
-        &ema.shadow,
-        &out.join("diffusion_pytorch_model.safetensors"),
-    )?;
+    let (text, dit_w): (HashMap<String, Tensor>, HashMap<String, Tensor>) = ema
+        .shadow
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(TEXT_PREFIX));
+    if r.dit_train_text {
+        // Written before the DiT, whose file marks the stage done.
+        let text: HashMap<String, Tensor> = text
+            .into_iter()
+            .map(|(k, v)| (k[TEXT_PREFIX.len()..].to_string(), v))
+            .collect();
+        save_tensors(&text, &dir.join("text_encoder").join("model.safetensors"))?;
+    }
+    std::fs::create_dir_all(&out)?;
+    save_tensors(&dit_w, &out.join("diffusion_pytorch_model.safetensors"))?;
     let mut c = serde_json::to_value(&r.dit)?;
     c["_class_name"] = "WanTransformer3DModel".into();
     write_json(&out.join("config.json"), &c)?;
     Ok(true)
 }
+
+/// Prefix of the text encoder's parameters among the DiT stage's when they train together.
+const TEXT_PREFIX: &str = "text_encoder.";
 
 /// Draws training clips, uniformly or, with oversampled caption words, in proportion to each
 /// clip's weight (the product of the factors of the words its captions hold).

@@ -799,6 +799,7 @@ fn train_dit_override_flags_reach_the_recipe() {
             "square=2",
             "--decoder-dit-oversample",
             "red=3",
+            "--dit-train-text",
             "--out",
         ])
         .arg(&out));
@@ -809,12 +810,17 @@ fn train_dit_override_flags_reach_the_recipe() {
     assert_eq!(r["dit_sigma_shift"], 1.5, "{r}");
     assert_eq!(r["dit"]["num_layers"], 3, "{r}");
     assert_eq!(r["cfg_dropout"], 0.25, "{r}");
+    assert_eq!(r["dit_train_text"], true, "{r}");
     assert_eq!(
         r["dit_oversample"],
         serde_json::json!([["red", 3.0], ["square", 2.0]]),
         "{r}"
     );
-    assert_eq!(r["decoder_dit_oversample"], serde_json::json!([["red", 3.0]]), "{r}");
+    assert_eq!(
+        r["decoder_dit_oversample"],
+        serde_json::json!([["red", 3.0]]),
+        "{r}"
+    );
     assert!(out
         .join("transformer/diffusion_pytorch_model.safetensors")
         .is_file());

@@ -166,6 +166,20 @@ fn fused_backward_passes_match_candle_autograd() {
         |t| fused::attention_trainable(&t[0], &t[1], &t[2], 0.35, Some(&key_bias)).unwrap(),
         |t| sdpa(&t[0], &t[1], &t[2], 0.35, Some(&key_bias)),
     );
+    // A bias that trains (UMT5's relative position bias when the text encoder trains with the
+    // DiT) gets its gradient: `attention` leaves the fused node, which takes the bias as a
+    // constant, for the composed graph.
+    check(
+        "attention (trainable position bias)",
+        &[
+            randn(10, &[2, 3, 7, 8]),
+            randn(11, &[2, 3, 7, 8]),
+            randn(12, &[2, 3, 7, 8]),
+            randn(16, &[1, 3, 7, 7]),
+        ],
+        |t| sora::nn::attention::attention(&t[0], &t[1], &t[2], 0.35, Some(&t[3])).unwrap(),
+        |t| sdpa(&t[0], &t[1], &t[2], 0.35, Some(&t[3])),
+    );
 
     // RoPE: [B, H, N, D] with [N, D/2] tables.
     let q = randn(7, &[2, 3, 5, 8]);

@@ -210,6 +210,104 @@ fn train_smoke_recipe_produces_a_loadable_model() {
         .file_name()
         .to_string_lossy()
         .starts_with("held-out-vae-15-s0-a-cyan-triangle-moving-left")));
+
+    // `--dit-train-text`: the text encoder trains with the DiT (here fine-tuning the smoke
+    // DiT) and its EMA weights replace `text_encoder/`.
+    let joint = tmp("recipe-joint-text");
+    for d in ["tokenizer", "text_encoder"] {
+        std::fs::create_dir_all(joint.join(d)).unwrap();
+        for e in std::fs::read_dir(dir.join(d)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), joint.join(d).join(e.file_name())).unwrap();
+        }
+    }
+    for f in ["latents.safetensors", "captions.json"] {
+        std::fs::copy(dir.join(f), joint.join(f)).unwrap();
+    }
+    let mut r = smoke();
+    r.dit_train_text = true;
+    r.dit_steps = 4;
+    r.dit_init = Some(dir.join("transformer/diffusion_pytorch_model.safetensors"));
+    assert!(sora::train::recipe::train_dit(&r, &joint, &opts, &|| false).unwrap());
+    let load = |p: std::path::PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let before = load(dir.join("text_encoder/model.safetensors"));
+    let after = load(joint.join("text_encoder/model.safetensors"));
+    let mut keys: Vec<_> = before.keys().collect();
+    keys.sort();
+    let mut after_keys: Vec<_> = after.keys().collect();
+    after_keys.sort();
+    assert_eq!(
+        keys, after_keys,
+        "the trained text encoder keeps the layout"
+    );
+    let dit_keys = load(joint.join("transformer/diffusion_pytorch_model.safetensors"));
+    assert!(dit_keys.keys().all(|k| !k.starts_with("text_encoder.")));
+    assert_eq!(
+        dit_keys.len(),
+        load(dir.join("transformer/diffusion_pytorch_model.safetensors")).len()
+    );
+    // Gradients reach every text-encoder tensor: after 4 steps the raw parameters (the final
+    // checkpoint) moved far more than AdamW's weight decay alone could move them
+    // (Σ lr·wd·|p| ≤ 4·lr·wd·max|p|), Adam moving a parameter with a gradient by about lr a step.
+    let raw = load(joint.join("work-dit/ckpt/params.safetensors"));
+    let max_abs = |t: &Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    for k in keys {
+        let moved = max_abs(&(&raw[&format!("text_encoder.{k}")] - &before[k]).unwrap());
+        let decay_only = 4.0 * r.dit_lr as f32 * 0.01 * max_abs(&before[k]);
+        assert!(
+            moved > 10.0 * decay_only && moved > 0.2 * r.dit_lr as f32,
+            "{k}: moved {moved}, weight decay alone {decay_only}"
+        );
+    }
+    let joint_model =
+        WanModel::load(&dir_with_model(&dir, &joint), &Device::Cpu, DType::F32).unwrap();
+    let frames = sora::cli::train::generate_frames(
+        &joint_model,
+        "a red circle moving right on a black background",
+        1,
+    )
+    .unwrap();
+    assert_eq!(frames.len(), 5);
+}
+
+/// A model directory: `base`'s files with `over`'s tokenizer, text encoder and transformer.
+fn dir_with_model(base: &std::path::Path, over: &std::path::Path) -> std::path::PathBuf {
+    let out = over.join("model");
+    for d in [
+        "vae",
+        "scheduler",
+        "tokenizer",
+        "text_encoder",
+        "transformer",
+    ] {
+        let src = if ["tokenizer", "text_encoder", "transformer"].contains(&d) {
+            over
+        } else {
+            base
+        };
+        std::fs::create_dir_all(out.join(d)).unwrap();
+        for e in std::fs::read_dir(src.join(d)).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), out.join(d).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    for f in ["sora.json", "model_index.json"] {
+        if base.join(f).is_file() {
+            std::fs::copy(base.join(f), out.join(f)).unwrap();
+        }
+    }
+    out
 }
 
 /// A DiT of the smoke recipe, freshly initialised, with a fixed flow-matching batch.
