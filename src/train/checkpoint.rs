@@ -103,7 +103,12 @@ impl Checkpoint {
             .with_context(|| format!("cannot read {}/params.safetensors", self.dir.display()))?;
         for (k, v) in params {
             let t = p.get(k).with_context(|| {
-                format!("checkpoint {} has no parameter `{k}`", self.dir.display())
+                format!(
+                    "checkpoint {} has no parameter `{k}`: it was written by a run with other \
+                     settings (another model size, or without --dit-train-text); move that \
+                     directory aside to start afresh",
+                    self.dir.display()
+                )
             })?;
             v.set(&t.to_device(v.device())?)?;
         }

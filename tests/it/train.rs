@@ -228,6 +228,24 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     r.dit_train_text = true;
     r.dit_steps = 4;
     r.dit_init = Some(dir.join("transformer/diffusion_pytorch_model.safetensors"));
+    // A checkpoint of a frozen-encoder run cannot resume a joint one: the error says why.
+    std::fs::create_dir_all(joint.join("work-dit/ckpt")).unwrap();
+    for e in std::fs::read_dir(dir.join("work-dit/ckpt")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), joint.join("work-dit/ckpt").join(e.file_name())).unwrap();
+    }
+    let err = format!(
+        "{:#}",
+        sora::train::recipe::train_dit(&r, &joint, &opts, &|| false).unwrap_err()
+    );
+    for want in [
+        "has no parameter `text_encoder.",
+        "--dit-train-text",
+        "move that directory aside",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    std::fs::remove_dir_all(joint.join("work-dit")).unwrap();
     assert!(sora::train::recipe::train_dit(&r, &joint, &opts, &|| false).unwrap());
     let load = |p: std::path::PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let before = load(dir.join("text_encoder/model.safetensors"));
