@@ -63,8 +63,9 @@ pub struct Recipe {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dit_oversample: Vec<(String, f64)>,
     /// Trains the text encoder jointly with the DiT (same optimiser, learning rate and EMA)
-    /// and rewrites `text_encoder/` with it; false (the default): the encoder stays frozen at
-    /// its random initialisation and caption embeddings are computed once.
+    /// and rewrites `text_encoder/` with it; false (the default): the encoder stays frozen as
+    /// `text_encoder/` holds it (the recipe's random initialisation) and caption embeddings
+    /// are computed once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dit_train_text: bool,
     /// Shift applied to the DiT's logit-normal training σ (`s·σ / (1 + (s−1)·σ)`, as the
