@@ -744,7 +744,7 @@ pub fn train_dit(
     // Joint training: a second, trainable copy of the text encoder whose parameters join the
     // DiT's under a prefix; frozen: every caption's embedding computed once.
     let mut te_varmap = VarMap::new();
-    let (text_cache, train_enc) = if r.dit_train_text {
+    let text = if r.dit_train_text {
         let e = Umt5Encoder::load(
             VarBuilder::from_varmap(&te_varmap, DType::F32, &dev),
             &r.text,
@@ -761,12 +761,12 @@ pub fn train_dit(
                 .into_iter()
                 .map(|(k, v)| (format!("{TEXT_PREFIX}{k}"), v)),
         );
-        (HashMap::new(), Some(e))
+        CaptionText::Trained(e)
     } else {
         crate::nn::set_differentiable(false);
         let cache = caption_embeddings(r, &tok, &enc, &caps, &dev)?;
         crate::nn::set_differentiable(true);
-        (cache, None)
+        CaptionText::Cached(cache)
     };
     let cfg = LoopConfig {
         name: "dit".into(),
@@ -822,16 +822,13 @@ pub fn train_dit(
         let part = |t: &Tensor| t.narrow(0, rows.start, rows.len());
         let (x0, noise) = (part(&x0)?, part(&noise)?);
         let texts = &texts[rows.clone()];
-        let ctx = match &train_enc {
-            Some(e) => {
+        let ctx = match &text {
+            CaptionText::Trained(e) => {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 encode_text(&tok, e, &refs, r.text_len, &dev)?
             }
-            None => {
-                let rows: Vec<Tensor> = texts
-                    .iter()
-                    .map(|t| text_cache[t.as_str()].clone())
-                    .collect();
+            CaptionText::Cached(cache) => {
+                let rows: Vec<Tensor> = texts.iter().map(|t| cache[t.as_str()].clone()).collect();
                 Tensor::stack(&rows, 0)?
             }
         };
@@ -871,6 +868,14 @@ pub fn train_dit(
 
 /// Prefix of the text encoder's parameters among the DiT stage's when they train together.
 const TEXT_PREFIX: &str = "text_encoder.";
+
+/// Where the DiT stage's caption embeddings come from.
+enum CaptionText {
+    /// Frozen encoder: every distinct caption (and the empty one) encoded once.
+    Cached(HashMap<String, Tensor>),
+    /// The text encoder training with the DiT: the batch's captions encoded every step.
+    Trained(Umt5Encoder),
+}
 
 /// Draws training clips, uniformly or, with oversampled caption words, in proportion to each
 /// clip's weight (the product of the factors of the words its captions hold).

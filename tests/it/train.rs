@@ -215,11 +215,7 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     // DiT) and its EMA weights replace `text_encoder/`.
     let joint = tmp("recipe-joint-text");
     for d in ["tokenizer", "text_encoder"] {
-        std::fs::create_dir_all(joint.join(d)).unwrap();
-        for e in std::fs::read_dir(dir.join(d)).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), joint.join(d).join(e.file_name())).unwrap();
-        }
+        copy_files(&dir.join(d), &joint.join(d));
     }
     for f in ["latents.safetensors", "captions.json"] {
         std::fs::copy(dir.join(f), joint.join(f)).unwrap();
@@ -229,11 +225,7 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     r.dit_steps = 4;
     r.dit_init = Some(dir.join("transformer/diffusion_pytorch_model.safetensors"));
     // A checkpoint of a frozen-encoder run cannot resume a joint one: the error says why.
-    std::fs::create_dir_all(joint.join("work-dit/ckpt")).unwrap();
-    for e in std::fs::read_dir(dir.join("work-dit/ckpt")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), joint.join("work-dit/ckpt").join(e.file_name())).unwrap();
-    }
+    copy_files(&dir.join("work-dit/ckpt"), &joint.join("work-dit/ckpt"));
     let err = format!(
         "{:#}",
         sora::train::recipe::train_dit(&r, &joint, &opts, &|| false).unwrap_err()
@@ -297,6 +289,17 @@ fn train_smoke_recipe_produces_a_loadable_model() {
     assert_eq!(frames.len(), 5);
 }
 
+/// Copies the files (not subdirectories) of `src` into `dst`, creating it.
+fn copy_files(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 /// A model directory: `base`'s files with `over`'s tokenizer, text encoder and transformer.
 fn dir_with_model(base: &std::path::Path, over: &std::path::Path) -> std::path::PathBuf {
     let out = over.join("model");
@@ -312,13 +315,7 @@ fn dir_with_model(base: &std::path::Path, over: &std::path::Path) -> std::path::
         } else {
             base
         };
-        std::fs::create_dir_all(out.join(d)).unwrap();
-        for e in std::fs::read_dir(src.join(d)).unwrap() {
-            let e = e.unwrap();
-            if e.path().is_file() {
-                std::fs::copy(e.path(), out.join(d).join(e.file_name())).unwrap();
-            }
-        }
+        copy_files(&src.join(d), &out.join(d));
     }
     for f in ["sora.json", "model_index.json"] {
         if base.join(f).is_file() {
