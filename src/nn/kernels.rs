@@ -1163,75 +1163,46 @@ fn band_rows(o: usize, ktc: usize, ho: usize, wp: usize, frames: usize) -> usize
     rows.max(at_least).min(ho)
 }
 
-/// Rearranges a PyTorch Conv3d weight `[O, C, kt, kh, kw]` for [`conv3d_shifted_gemm`]:
-/// `[kh, kw, O, kt·C]`, so each spatial tap is one contiguous `[O, kt·C]` matrix.
-pub fn conv3d_gemm_weight(w: &Tensor) -> Result<Tensor> {
-    let (o, c, kt, kh, kw) = w.dims5()?;
-    w.to_dtype(DType::F32)?
-        .permute((3, 4, 0, 2, 1))?
-        .reshape((kh, kw, o, kt * c))?
-        .contiguous()
+/// An input laid out as zero-padded planes `[B, T, C, Hp, Wp]` (zero frames first), plus `Wp`
+/// elements of zero slack: the last tap of the last row reads up to `kw − 1` elements past the
+/// final plane (into columns that are dropped, or multiplied by zero).
+struct Planes {
+    data: Vec<f32>,
+    /// `(B, C, T, H, W)`: `T` counts the zero frames; `H`, `W` are unpadded.
+    dims: (usize, usize, usize, usize, usize),
+    device: Device,
 }
 
-/// A 3D convolution with temporal stride `st`, spatial stride 1, no temporal padding (the caller
-/// has padded causally) and symmetric spatial zero padding `(ph, pw)`, as shifted GEMMs: the
-/// input is laid out once as zero-padded planes `[B, T, C, Hp, Wp]`; an output frame's
-/// `[O, H'·Wp]` block is the sum over the `kh·kw` spatial taps of `W_tap [O, kt·C]` times the
-/// input planes of its `kt` frames shifted by the tap's offset (a plain strided matrix, because
-/// consecutive frames' channel planes are equally spaced). The `Wp − W'` extra columns per row
-/// are computed and dropped. No im2col buffer; each GEMM has `K = kt·C`.
-///
-/// `x`: `[B, C, T, H, W]`, `w`: from [`conv3d_gemm_weight`], `bias`: `[O]`.
-/// Returns `[B, O, T', H', W']` with `T' = (T − kt)/st + 1`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv3d_shifted_gemm(
+/// Lays out `zero_front` zero frames followed by the frames of `parts` (each `[B, C, Ti, H, W]`)
+/// as [`Planes`] with spatial zero padding `(ph, pw)`.
+fn padded_planes(
     parts: &[&Tensor],
     zero_front: usize,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    kt: usize,
-    st: usize,
     ph: usize,
     pw: usize,
-) -> Result<Tensor> {
+    what: &str,
+) -> Result<Planes> {
     let parts: Vec<Tensor> = parts.iter().map(|p| prep(p)).collect::<Result<_>>()?;
     let Some(first) = parts.first() else {
-        candle_core::bail!("conv3d_shifted_gemm: no input frames");
+        candle_core::bail!("{what}: no input frames");
     };
     let (b, c, _, h, wd) = first.dims5()?;
     for p in &parts {
         let (pb, pc, _, ph_, pw_) = p.dims5()?;
         if (pb, pc, ph_, pw_) != (b, c, h, wd) {
             candle_core::bail!(
-                "conv3d_shifted_gemm: frame parts {:?} and {:?} differ",
+                "{what}: frame parts {:?} and {:?} differ",
                 first.shape(),
                 p.shape()
             );
         }
     }
+    if b == 0 || c == 0 || h == 0 || wd == 0 {
+        candle_core::bail!("{what}: empty input {:?}", first.shape());
+    }
     let t = zero_front + parts.iter().map(|p| p.dim(2).unwrap_or(0)).sum::<usize>();
-    let (kh, kw, o, ktc) = w.dims4()?;
-    if ktc != kt * c || t < kt {
-        candle_core::bail!(
-            "conv3d_shifted_gemm: input {:?} ({t} frames), weight {:?}, kt {kt}",
-            first.shape(),
-            w.shape()
-        );
-    }
     let (hp, wp) = (h + 2 * ph, wd + 2 * pw);
-    if hp < kh || wp < kw || st == 0 {
-        candle_core::bail!(
-            "conv3d_shifted_gemm: padded frame {hp}×{wp} smaller than the kernel {kh}×{kw}"
-        );
-    }
-    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-    let t_out = (t - kt) / st + 1;
     let plane = hp * wp;
-    if b == 0 || c == 0 || o == 0 || h == 0 || wd == 0 {
-        candle_core::bail!("conv3d_shifted_gemm: empty input {:?}", first.shape());
-    }
-    // Padded planes [B, T, C, Hp, Wp] plus slack: the last tap of the last row reads up to
-    // kw − 1 elements past the final plane (into columns that are dropped). Zero frames first.
     // Every plane is written exactly once (interior copied, padding border zeroed; zero frames
     // zeroed whole), so the buffer needs no zero fill of its own.
     let mut xp = output_buffer(b * t * c * plane + wp);
@@ -1271,6 +1242,174 @@ pub fn conv3d_shifted_gemm(
         });
     drop(slices);
     drop(guards);
+    Ok(Planes {
+        data: xp,
+        dims: (b, c, t, h, wd),
+        device: first.device().clone(),
+    })
+}
+
+/// The weight gradient of [`conv3d_shifted_gemm`] at stride 1: given its input (`parts` after
+/// `zero_front` zero frames, spatial padding `(ph, pw)`) and the output gradient `g`
+/// `[B, O, T', H', W']`, returns `∂L/∂W` `[O, C, kt, kh, kw]` (PyTorch layout). Each spatial tap's
+/// `[O, kt·C]` block is a sum over output-row bands of `G_band [O, rows·Wp] · X_tapᵀ`, with `G`
+/// laid out on the padded width (its `Wp − W'` extra columns zero) and `X_tap` the same shifted
+/// view of the padded planes the forward pass multiplies; bands run in parallel, each adding
+/// into its thread's partial sums.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_weight_grad(
+    parts: &[&Tensor],
+    zero_front: usize,
+    g: &Tensor,
+    kt: usize,
+    kh: usize,
+    kw: usize,
+    ph: usize,
+    pw: usize,
+) -> Result<Tensor> {
+    let what = "conv3d_weight_grad";
+    let Planes {
+        data: xp,
+        dims: (b, c, t, h, wd),
+        device,
+    } = padded_planes(parts, zero_front, ph, pw, what)?;
+    let g = prep(g)?;
+    let (gb, o, t_out, ho, wo) = g.dims5()?;
+    let (hp, wp) = (h + 2 * ph, wd + 2 * pw);
+    if gb != b
+        || t < kt
+        || hp < kh
+        || wp < kw
+        || (t_out, ho, wo) != (t - kt + 1, hp - kh + 1, wp - kw + 1)
+    {
+        candle_core::bail!(
+            "{what}: gradient {:?} does not fit input [{b}, {c}, {t}, {h}, {wd}] (padded frames) \
+             with kernel {kt}×{kh}×{kw} and padding ({ph}, {pw})",
+            g.shape()
+        );
+    }
+    let plane = hp * wp;
+    let ktc = kt * c;
+    let taps = kh * kw;
+    let rows = band_rows(o, ktc, ho, wp, b * t_out);
+    let bands = ho.div_ceil(rows);
+    let sum = with_data(&g, |gs| {
+        Ok((0..b * t_out * bands)
+            .into_par_iter()
+            .fold(
+                || (vec![0f32; taps * o * ktc], vec![0f32; o * rows * wp]),
+                |(mut acc, mut gbuf), task| {
+                    let (frame, band) = (task / bands, task % bands);
+                    let (bi, j) = (frame / t_out, frame % t_out);
+                    let y0 = band * rows;
+                    let nr = rows.min(ho - y0);
+                    let n = nr * wp;
+                    for oi in 0..o {
+                        let src = &gs[((bi * o + oi) * t_out + j) * ho * wo + y0 * wo..];
+                        for y in 0..nr {
+                            let row = &mut gbuf[oi * n + y * wp..oi * n + (y + 1) * wp];
+                            row[..wo].copy_from_slice(&src[y * wo..(y + 1) * wo]);
+                            row[wo..].fill(0.0);
+                        }
+                    }
+                    let frame0 = (bi * t + j) * c * plane + y0 * wp;
+                    for ty in 0..kh {
+                        for tx in 0..kw {
+                            let tap = ty * kw + tx;
+                            // acc_tap[O, kt·C] += G[O, n] · X_tap[kt·C, n]ᵀ
+                            // SAFETY: gbuf holds o·n elements at row stride n; X_tap's kt·C
+                            // columns are planes from the band's first row shifted by the tap,
+                            // n elements each, inside xp plus its slack (as in the forward
+                            // kernel); acc_tap holds o·ktc elements.
+                            unsafe {
+                                gemm_strided(
+                                    (o, ktc, n),
+                                    (acc[tap * o * ktc..].as_mut_ptr(), ktc, 1),
+                                    true,
+                                    (gbuf.as_ptr(), n, 1),
+                                    (xp[frame0 + ty * wp + tx..].as_ptr(), 1, plane),
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        }
+                    }
+                    (acc, gbuf)
+                },
+            )
+            .map(|(acc, _)| acc)
+            .reduce(
+                || vec![0f32; taps * o * ktc],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            ))
+    })?;
+    Tensor::from_vec(sum, (kh, kw, o, kt, c), &device)?
+        .permute((2, 4, 3, 0, 1))?
+        .contiguous()
+}
+
+/// Rearranges a PyTorch Conv3d weight `[O, C, kt, kh, kw]` for [`conv3d_shifted_gemm`]:
+/// `[kh, kw, O, kt·C]`, so each spatial tap is one contiguous `[O, kt·C]` matrix.
+pub fn conv3d_gemm_weight(w: &Tensor) -> Result<Tensor> {
+    let (o, c, kt, kh, kw) = w.dims5()?;
+    w.to_dtype(DType::F32)?
+        .permute((3, 4, 0, 2, 1))?
+        .reshape((kh, kw, o, kt * c))?
+        .contiguous()
+}
+
+/// A 3D convolution with temporal stride `st`, spatial stride 1, no temporal padding (the caller
+/// has padded causally) and symmetric spatial zero padding `(ph, pw)`, as shifted GEMMs: the
+/// input is laid out once as zero-padded planes `[B, T, C, Hp, Wp]`; an output frame's
+/// `[O, H'·Wp]` block is the sum over the `kh·kw` spatial taps of `W_tap [O, kt·C]` times the
+/// input planes of its `kt` frames shifted by the tap's offset (a plain strided matrix, because
+/// consecutive frames' channel planes are equally spaced). The `Wp − W'` extra columns per row
+/// are computed and dropped. No im2col buffer; each GEMM has `K = kt·C`.
+///
+/// `x`: `[B, C, T, H, W]`, `w`: from [`conv3d_gemm_weight`], `bias`: `[O]`.
+/// Returns `[B, O, T', H', W']` with `T' = (T − kt)/st + 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_shifted_gemm(
+    parts: &[&Tensor],
+    zero_front: usize,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    kt: usize,
+    st: usize,
+    ph: usize,
+    pw: usize,
+) -> Result<Tensor> {
+    let Planes {
+        data: xp,
+        dims: (b, c, t, h, wd),
+        device,
+    } = padded_planes(parts, zero_front, ph, pw, "conv3d_shifted_gemm")?;
+    let (kh, kw, o, ktc) = w.dims4()?;
+    if ktc != kt * c || t < kt {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: input [{b}, {c}, {t}, {h}, {wd}] (padded frames), weight {:?}, kt {kt}",
+            w.shape()
+        );
+    }
+    let (hp, wp) = (h + 2 * ph, wd + 2 * pw);
+    if hp < kh || wp < kw || st == 0 {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: padded frame {hp}×{wp} smaller than the kernel {kh}×{kw}"
+        );
+    }
+    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
+    let t_out = (t - kt) / st + 1;
+    let plane = hp * wp;
+    if o == 0 {
+        candle_core::bail!(
+            "conv3d_shifted_gemm: weight {:?} has no output channels",
+            w.shape()
+        );
+    }
     let bias_v: Option<Vec<f32>> = match bias {
         Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
@@ -1348,7 +1487,7 @@ pub fn conv3d_shifted_gemm(
         );
         Ok(())
     })?;
-    Tensor::from_vec(out, (b, o, t_out, ho, wo), first.device())
+    Tensor::from_vec(out, (b, o, t_out, ho, wo), &device)
 }
 
 multiversion! {
