@@ -33,7 +33,7 @@ pub fn conv2d(
         x.conv2d(w, padding, stride, 1, 1)?
     };
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        Some(b) => super::fused::add_channel_bias(&y, b),
         None => Ok(y),
     }
 }

@@ -138,7 +138,7 @@ impl CausalConv3d {
             if zero_front < kt {
                 let y = conv3d_trainable(&x, zero_front, &self.raw_weight, ph, pw)?;
                 return match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1, 1))?),
+                    Some(b) => crate::nn::fused::add_channel_bias(&y, b),
                     None => Ok(y),
                 };
             }

@@ -85,6 +85,33 @@ pub(crate) fn fast_grads(x: &Tensor) -> bool {
     super::differentiable() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// `y + bias` for `y` `[B, C, …]` and a per-channel `bias` `[C]` (a convolution's bias). In
+/// differentiable mode on CPU the bias gradient is two contiguous sums (over positions, then
+/// the batch) instead of candle's broadcast backward, a strided reduction over every dim but
+/// the channel's.
+pub fn add_channel_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1; y.rank()];
+    if shape.len() < 2 {
+        candle_core::bail!("add_channel_bias: input {:?} has no channel dim", y.shape());
+    }
+    shape[1] = bias.dim(0)?;
+    let composed = |y: &Tensor, b: &Tensor| y.broadcast_add(&b.reshape(shape.as_slice())?);
+    if !fast_grads(y) {
+        return composed(y, bias);
+    }
+    let fast = composed(&y.detach(), &bias.detach())?;
+    attach(y, bias, fast, "add_channel_bias", |_, bias, g| {
+        let (b, c) = (g.dim(0)?, g.dim(1)?);
+        let gb = g
+            .contiguous()?
+            .reshape((b, c, ()))?
+            .sum(2)?
+            .sum(0)?
+            .reshape(bias.shape())?;
+        Ok((Some(g.clone()), Some(gb)))
+    })
+}
+
 /// Sums `t` `[G, R, D]` over its rows: `[G, 1, D]`, as one batched matmul with a ones row.
 fn sum_rows(t: &Tensor) -> Result<Tensor> {
     let (g, r, _) = t.dims3()?;

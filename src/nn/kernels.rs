@@ -1572,6 +1572,112 @@ pub fn channel_rms_silu(x: &Tensor, gamma: &Tensor, silu: bool) -> Result<Tensor
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
+multiversion! {
+    /// `dot[p] += h·g[p]·x[p]·inv[p]` and returns `Σ_p g[p]·x[p]·inv[p]`.
+    fn add_projection(x: &[f32], g: &[f32], inv: &[f32], h: f32, dot: &mut [f32]) -> f32 {
+        let mut sum = 0.0;
+        for (((d, &xv), &gv), &iv) in dot.iter_mut().zip(x).zip(g).zip(inv) {
+            let gu = gv * xv * iv;
+            *d += h * gu;
+            sum += gu;
+        }
+        sum
+    }
+}
+
+multiversion! {
+    /// `out[p] = inv[p]·(h·g[p] − x[p]·inv[p]·dot[p])`.
+    fn project_out(x: &[f32], g: &[f32], inv: &[f32], dot: &[f32], h: f32, out: &mut [f32]) {
+        for ((((o, &xv), &gv), &iv), &dv) in out.iter_mut().zip(x).zip(g).zip(inv).zip(dot) {
+            *o = iv * (h * gv - xv * iv * dv);
+        }
+    }
+}
+
+/// The backward pass of [`channel_rms_silu`] without SiLU, `y = x·√C·γ / max(‖x‖, 1e-12)` with
+/// the norm over channels at each position of `[B, C, T, H, W]`: given `g = ∂L/∂y`, returns
+/// `∂L/∂x = inv·(h − u·Σ_c h_c u_c)` (`u = x·inv`, `h = √C·γ·g`) and `∂L/∂γ = √C·Σ g·u`
+/// (`[C]`), in one pass over each block of positions. (Where the norm is under 1e-12 the clamp
+/// makes `inv` a constant and the projection term vanishes; there `‖u‖ ≈ 0` as well, so the
+/// formula's projection term is negligible.)
+pub fn channel_rms_grad(x: &Tensor, gamma: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let x = prep(x)?;
+    let g = prep(g)?;
+    let (b, c, t, h, w) = x.dims5()?;
+    if g.dims() != x.dims() {
+        candle_core::bail!(
+            "channel_rms_grad: gradient {:?} for input {:?}",
+            g.shape(),
+            x.shape()
+        );
+    }
+    let gamma_v = prep(gamma)?.flatten_all()?.to_vec1::<f32>()?;
+    if gamma_v.len() != c {
+        candle_core::bail!("channel_rms_grad: {} gains for {c} channels", gamma_v.len());
+    }
+    let hw = h * w;
+    let sqrt_c = (c as f32).sqrt();
+    let block = 4096.min(hw.max(1));
+    let blocks = hw.div_ceil(block);
+    let mut gx = output_buffer(x.elem_count());
+    let gx_ptr = SendPtr(gx.as_mut_ptr());
+    let gg = with_data(&x, |xs| {
+        with_data(&g, |gs| {
+            Ok((0..b * t * blocks)
+                .into_par_iter()
+                .fold(
+                    || (vec![0f32; c], vec![0f32; block], vec![0f32; block]),
+                    |(mut gg, mut inv, mut dot), task| {
+                        let pb = task % blocks;
+                        let ti = (task / blocks) % t;
+                        let bi = task / (blocks * t);
+                        let p0 = pb * block;
+                        let n = block.min(hw - p0);
+                        let at = |ci: usize| ((bi * c + ci) * t + ti) * hw + p0;
+                        {
+                            let (inv, dot) = (&mut inv[..n], &mut dot[..n]);
+                            inv.fill(0.0);
+                            dot.fill(0.0);
+                            for ci in 0..c {
+                                add_squares(&xs[at(ci)..at(ci) + n], inv);
+                            }
+                            inv_norms(inv);
+                            for (ci, gm) in gamma_v.iter().enumerate() {
+                                let r = at(ci)..at(ci) + n;
+                                gg[ci] += sqrt_c
+                                    * add_projection(&xs[r.clone()], &gs[r], inv, sqrt_c * gm, dot);
+                            }
+                            for (ci, gm) in gamma_v.iter().enumerate() {
+                                let r = at(ci)..at(ci) + n;
+                                // SAFETY: each (b, c, t, position block) is written by exactly
+                                // one task.
+                                let o = unsafe {
+                                    std::slice::from_raw_parts_mut(gx_ptr.get().add(at(ci)), n)
+                                };
+                                project_out(&xs[r.clone()], &gs[r], inv, dot, sqrt_c * gm, o);
+                            }
+                        }
+                        (gg, inv, dot)
+                    },
+                )
+                .map(|(gg, _, _)| gg)
+                .reduce(
+                    || vec![0f32; c],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            *x += y;
+                        }
+                        a
+                    },
+                ))
+        })
+    })?;
+    Ok((
+        Tensor::from_vec(gx, x.shape(), x.device())?,
+        Tensor::from_vec(gg, c, x.device())?,
+    ))
+}
+
 /// `y = x·Wᵀ (+ bias) (+ residual)` for `x` `[M, K]`, `wt` = `Wᵀ` `[K, N]`, `bias` `[N]`,
 /// `residual` `[M, N]`: the output is pre-filled with residual + bias rows and one GEMM
 /// accumulates into it, so neither addition costs a pass of its own.

@@ -261,3 +261,40 @@ fn conv3d_training_gradients_match_candle_autograd() {
         assert_close(&format!("{what} weight grad"), &gf[1], &gr[1], 1e-4);
     }
 }
+
+/// The VAE's channel RMS norm and a convolution's per-channel bias in training (fused backward
+/// passes) against candle autograd of the composed formulas.
+#[test]
+fn channel_norm_and_bias_gradients_match_candle_autograd() {
+    let x = randn(60, &[2, 5, 3, 4, 6]);
+    let gamma = (randn(61, &[5, 1, 1, 1]) + 1.0).unwrap();
+    check(
+        "channel_rms_norm",
+        &[x.clone(), gamma],
+        |t| sora::nn::norm::channel_rms_norm(&t[0], &t[1]).unwrap(),
+        |t| {
+            let norm = t[0]
+                .sqr()
+                .unwrap()
+                .sum_keepdim(1)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .maximum(1e-12)
+                .unwrap();
+            (t[0].broadcast_div(&norm).unwrap() * 5f64.sqrt())
+                .unwrap()
+                .broadcast_mul(&t[1])
+                .unwrap()
+        },
+    );
+    check(
+        "add_channel_bias",
+        &[x, randn(62, &[5])],
+        |t| fused::add_channel_bias(&t[0], &t[1]).unwrap(),
+        |t| {
+            t[0].broadcast_add(&t[1].reshape((1, 5, 1, 1, 1)).unwrap())
+                .unwrap()
+        },
+    );
+}
