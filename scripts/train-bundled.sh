@@ -21,6 +21,8 @@
 # About 2 h 35 min on 2 cores (VAE stages ~23 min incl. encode ~4 min; DiT 16,000 x ~0.34 s/step;
 # decoder on the DiT 600 x ~2.45 s/step; DiT with the text encoder 2,500 x ~0.42 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
+#
+#   scripts/train-bundled.sh [DIR]            (SORA_BIN=path/to/sora to skip the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-train-out}"
@@ -30,8 +32,14 @@ if [[ -f $out/transformer/diffusion_pytorch_model.safetensors && ! -d $out/work-
         "give an empty or earlier training directory" >&2
     exit 2
 fi
-cargo build --release --locked
-sora=target/release/sora
+# SORA_BIN: a sora binary to run instead of building target/release/sora (so that rebuilding
+# the checkout while the recipe runs cannot change the binary under it).
+if [[ -n ${SORA_BIN:-} ]]; then
+    sora=$SORA_BIN
+else
+    cargo build --release --locked
+    sora=target/release/sora
+fi
 w=(--dit-object-weight 10 --dit-object-dilate 1)
 # Segment markers live in work-dit/, which moves to work-dit-16000/ before segment 4.
 done_segment() { [[ -f $out/work-dit/segment-$1-done || -f $out/work-dit-16000/segment-$1-done ]]; }
