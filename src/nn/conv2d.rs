@@ -19,7 +19,12 @@ pub fn conv2d(
     stride: usize,
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    let y = if stride == 1 && padding < kh && padding < kw && super::fused::fast_grads(x) {
+    let y = if stride == 1
+        && padding < kh
+        && padding < kw
+        && super::fused::fast_grads(x)
+        && w.dtype() == candle_core::DType::F32
+    {
         // Training on CPU at stride 1: the shifted-GEMM convolution with its own backward
         // pass, as a one-frame 3D convolution.
         super::conv3d::conv3d_trainable(&x.unsqueeze(2)?, 0, &w.unsqueeze(2)?, padding, padding)?

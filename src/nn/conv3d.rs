@@ -1,10 +1,12 @@
 //! Causal 3D convolution, as `WanCausalConv3d` in diffusers: zero (or cached) padding of
 //! `2 * pad_t` frames in front, none behind, symmetric spatial zero padding.
 //!
-//! candle has no conv3d. A 3D convolution with `kt` temporal taps is one 2D convolution over
-//! `kt * C_in` channels, where the input for output frame `j` is the channel-wise stack of the
-//! `kt` input frames it covers. That gives one large GEMM per chunk of frames instead of `kt`
-//! small ones.
+//! candle has no conv3d. On CPU in f32 the convolution is the shifted-GEMM kernel
+//! ([`kernels::conv3d_shifted_gemm`]) at inference and, at stride 1, in training too
+//! ([`conv3d_trainable`], with its own backward pass). Elsewhere (GPU, other dtypes, strided
+//! training) a 3D convolution with `kt` temporal taps is one 2D convolution over `kt * C_in`
+//! channels, where the input for output frame `j` is the channel-wise stack of the `kt` input
+//! frames it covers: one large GEMM per chunk of frames instead of `kt` small ones.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -126,7 +128,12 @@ impl CausalConv3d {
         }
         let (kt, kh, kw) = self.kernel;
         let (_, ph, pw) = self.padding;
-        if self.stride == (1, 1, 1) && crate::nn::fused::fast_grads(x) && ph < kh && pw < kw {
+        if self.stride == (1, 1, 1)
+            && crate::nn::fused::fast_grads(x)
+            && self.raw_weight.dtype() == candle_core::DType::F32
+            && ph < kh
+            && pw < kw
+        {
             // Training on CPU: the shifted-GEMM kernel forward, its own backward pass.
             let (x, zero_front) = match cache {
                 Some(c) if self.causal_padding() > 0 => (
@@ -240,7 +247,8 @@ impl CausalConv3d {
 /// the convolution of the output gradient, followed by `kt − 1` zero frames, with the
 /// transposed, flipped kernel (padding `k − 1 − p`). Measured against the folded conv2d path on
 /// candle's tiled-im2col convolution (its scalar im2col took 40% of a step): the recipe's
-/// decoder-on-DiT step 3.18 → 0.95 s, the VAE step 1.21 → 0.45 s.
+/// decoder-on-DiT step 3.18 → 0.95 s, the VAE step 1.21 → 0.45 s (remeasured 1.01 and 0.49 s
+/// beside the next change; 0.75 and 0.35 s with the fused channel-norm and bias gradients).
 pub fn conv3d_trainable(
     x: &Tensor,
     zero_front: usize,
@@ -255,6 +263,8 @@ pub fn conv3d_trainable(
              {kt}×{kh}×{kw} kernel (each must be under the kernel size)"
         );
     }
+    // Gradients only for what records them (not, say, the pixels entering the encoder).
+    let (need_x, need_w) = (x.track_op(), w.track_op());
     let (xd, wd) = (x.detach(), w.detach());
     let fast = kernels::conv3d_shifted_gemm(
         &[&xd],
@@ -269,25 +279,42 @@ pub fn conv3d_trainable(
     crate::nn::fused::attach(x, w, fast, "conv3d-fast-grad", move |x, w, g| {
         let g = g.contiguous()?;
         let (b, o, _, ho, wo) = g.dims5()?;
-        let flipped = w.transpose(0, 1)?.contiguous()?.flip(&[2, 3, 4])?;
-        let zeros;
-        let mut parts = vec![&g];
-        if kt > 1 {
-            zeros = Tensor::zeros((b, o, kt - 1, ho, wo), g.dtype(), g.device())?;
-            parts.push(&zeros);
-        }
-        let gx = kernels::conv3d_shifted_gemm(
-            &parts,
-            kt - 1 - zero_front,
-            &kernels::conv3d_gemm_weight(&flipped)?,
-            None,
-            kt,
-            1,
-            kh - 1 - ph,
-            kw - 1 - pw,
-        )?;
-        let gw = kernels::conv3d_weight_grad(&[x], zero_front, &g, kt, kh, kw, ph, pw)?;
-        Ok((Some(gx), Some(gw)))
+        let gx = if need_x {
+            let flipped = w.transpose(0, 1)?.contiguous()?.flip(&[2, 3, 4])?;
+            let zeros;
+            let mut parts = vec![&g];
+            if kt > 1 {
+                zeros = Tensor::zeros((b, o, kt - 1, ho, wo), g.dtype(), g.device())?;
+                parts.push(&zeros);
+            }
+            Some(kernels::conv3d_shifted_gemm(
+                &parts,
+                kt - 1 - zero_front,
+                &kernels::conv3d_gemm_weight(&flipped)?,
+                None,
+                kt,
+                1,
+                kh - 1 - ph,
+                kw - 1 - pw,
+            )?)
+        } else {
+            None
+        };
+        let gw = if need_w {
+            Some(kernels::conv3d_weight_grad(
+                &[x],
+                zero_front,
+                &g,
+                kt,
+                kh,
+                kw,
+                ph,
+                pw,
+            )?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
     })
 }
 

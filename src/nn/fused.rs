@@ -96,7 +96,7 @@ pub fn add_channel_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     shape[1] = bias.dim(0)?;
     let composed = |y: &Tensor, b: &Tensor| y.broadcast_add(&b.reshape(shape.as_slice())?);
-    if !fast_grads(y) {
+    if !fast_grads(y) || bias.dtype() != DType::F32 {
         return composed(y, bias);
     }
     let fast = composed(&y.detach(), &bias.detach())?;

@@ -1128,9 +1128,45 @@ pub fn attention_out_folded(
     Tensor::from_vec(out, (b, nq, dout), q.device())
 }
 
+/// Tasks per partial sum in [`ordered_sum`].
+const SUM_CHUNK: usize = 8;
+
+/// `Σ_task f(task)` over `0..tasks` for vectors of length `len`, in parallel but with a fixed
+/// summation order: tasks are grouped into chunks of [`SUM_CHUNK`] in order, each chunk sums its
+/// tasks in order into a fresh vector (`f` adds into the vector it is given, with per-chunk
+/// scratch `S`), and the chunk sums are added in order. So the result does not depend on the
+/// thread count or on work stealing (a rayon fold/reduce would make training runs differ in
+/// the last bits from run to run).
+fn ordered_sum<S>(
+    tasks: usize,
+    len: usize,
+    scratch: impl Fn() -> S + Sync,
+    f: impl Fn(&mut [f32], &mut S, usize) + Sync,
+) -> Vec<f32> {
+    let partial: Vec<Vec<f32>> = (0..tasks.div_ceil(SUM_CHUNK))
+        .into_par_iter()
+        .map(|ci| {
+            let mut acc = vec![0f32; len];
+            let mut s = scratch();
+            for task in ci * SUM_CHUNK..((ci + 1) * SUM_CHUNK).min(tasks) {
+                f(&mut acc, &mut s, task);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![0f32; len];
+    for p in &partial {
+        for (x, y) in sum.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
+    sum
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint slots (see attention_bnhd and conv3d_shifted_gemm).
+// SAFETY: tasks write disjoint slots (see attention_bnhd, conv3d_shifted_gemm and
+// channel_rms_grad).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
@@ -1254,8 +1290,8 @@ fn padded_planes(
 /// `[B, O, T', H', W']`, returns `∂L/∂W` `[O, C, kt, kh, kw]` (PyTorch layout). Each spatial tap's
 /// `[O, kt·C]` block is a sum over output-row bands of `G_band [O, rows·Wp] · X_tapᵀ`, with `G`
 /// laid out on the padded width (its `Wp − W'` extra columns zero) and `X_tap` the same shifted
-/// view of the padded planes the forward pass multiplies; bands run in parallel, each adding
-/// into its thread's partial sums.
+/// view of the padded planes the forward pass multiplies; bands run in parallel, summed in a
+/// fixed order ([`ordered_sum`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_weight_grad(
     parts: &[&Tensor],
@@ -1294,58 +1330,47 @@ pub fn conv3d_weight_grad(
     let rows = band_rows(o, ktc, ho, wp, b * t_out);
     let bands = ho.div_ceil(rows);
     let sum = with_data(&g, |gs| {
-        Ok((0..b * t_out * bands)
-            .into_par_iter()
-            .fold(
-                || (vec![0f32; taps * o * ktc], vec![0f32; o * rows * wp]),
-                |(mut acc, mut gbuf), task| {
-                    let (frame, band) = (task / bands, task % bands);
-                    let (bi, j) = (frame / t_out, frame % t_out);
-                    let y0 = band * rows;
-                    let nr = rows.min(ho - y0);
-                    let n = nr * wp;
-                    for oi in 0..o {
-                        let src = &gs[((bi * o + oi) * t_out + j) * ho * wo + y0 * wo..];
-                        for y in 0..nr {
-                            let row = &mut gbuf[oi * n + y * wp..oi * n + (y + 1) * wp];
-                            row[..wo].copy_from_slice(&src[y * wo..(y + 1) * wo]);
-                            row[wo..].fill(0.0);
+        Ok(ordered_sum(
+            b * t_out * bands,
+            taps * o * ktc,
+            || vec![0f32; o * rows * wp],
+            |acc, gbuf, task| {
+                let (frame, band) = (task / bands, task % bands);
+                let (bi, j) = (frame / t_out, frame % t_out);
+                let y0 = band * rows;
+                let nr = rows.min(ho - y0);
+                let n = nr * wp;
+                for oi in 0..o {
+                    let src = &gs[((bi * o + oi) * t_out + j) * ho * wo + y0 * wo..];
+                    for y in 0..nr {
+                        let row = &mut gbuf[oi * n + y * wp..oi * n + (y + 1) * wp];
+                        row[..wo].copy_from_slice(&src[y * wo..(y + 1) * wo]);
+                        row[wo..].fill(0.0);
+                    }
+                }
+                let frame0 = (bi * t + j) * c * plane + y0 * wp;
+                for ty in 0..kh {
+                    for tx in 0..kw {
+                        let tap = ty * kw + tx;
+                        // acc_tap[O, kt·C] += G[O, n] · X_tap[kt·C, n]ᵀ
+                        // SAFETY: gbuf holds o·n elements at row stride n; X_tap's kt·C
+                        // columns are planes from the band's first row shifted by the tap,
+                        // n elements each, inside xp plus its slack (as in the forward
+                        // kernel); acc_tap holds o·ktc elements.
+                        unsafe {
+                            gemm_strided(
+                                (o, ktc, n),
+                                (acc[tap * o * ktc..].as_mut_ptr(), ktc, 1),
+                                true,
+                                (gbuf.as_ptr(), n, 1),
+                                (xp[frame0 + ty * wp + tx..].as_ptr(), 1, plane),
+                                gemm::Parallelism::None,
+                            );
                         }
                     }
-                    let frame0 = (bi * t + j) * c * plane + y0 * wp;
-                    for ty in 0..kh {
-                        for tx in 0..kw {
-                            let tap = ty * kw + tx;
-                            // acc_tap[O, kt·C] += G[O, n] · X_tap[kt·C, n]ᵀ
-                            // SAFETY: gbuf holds o·n elements at row stride n; X_tap's kt·C
-                            // columns are planes from the band's first row shifted by the tap,
-                            // n elements each, inside xp plus its slack (as in the forward
-                            // kernel); acc_tap holds o·ktc elements.
-                            unsafe {
-                                gemm_strided(
-                                    (o, ktc, n),
-                                    (acc[tap * o * ktc..].as_mut_ptr(), ktc, 1),
-                                    true,
-                                    (gbuf.as_ptr(), n, 1),
-                                    (xp[frame0 + ty * wp + tx..].as_ptr(), 1, plane),
-                                    gemm::Parallelism::None,
-                                );
-                            }
-                        }
-                    }
-                    (acc, gbuf)
-                },
-            )
-            .map(|(acc, _)| acc)
-            .reduce(
-                || vec![0f32; taps * o * ktc],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += y;
-                    }
-                    a
-                },
-            ))
+                }
+            },
+        ))
     })?;
     Tensor::from_vec(sum, (kh, kw, o, kt, c), &device)?
         .permute((2, 4, 3, 0, 1))?
@@ -1597,9 +1622,9 @@ multiversion! {
 /// The backward pass of [`channel_rms_silu`] without SiLU, `y = x·√C·γ / max(‖x‖, 1e-12)` with
 /// the norm over channels at each position of `[B, C, T, H, W]`: given `g = ∂L/∂y`, returns
 /// `∂L/∂x = inv·(h − u·Σ_c h_c u_c)` (`u = x·inv`, `h = √C·γ·g`) and `∂L/∂γ = √C·Σ g·u`
-/// (`[C]`), in one pass over each block of positions. (Where the norm is under 1e-12 the clamp
-/// makes `inv` a constant and the projection term vanishes; there `‖u‖ ≈ 0` as well, so the
-/// formula's projection term is negligible.)
+/// (`[C]`), in one pass over each block of positions; where the norm is under 1e-12 the clamp
+/// makes it a constant, so `∂L/∂x = inv·h` there. The `γ` sums run in a fixed order
+/// ([`ordered_sum`]).
 pub fn channel_rms_grad(x: &Tensor, gamma: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let x = prep(x)?;
     let g = prep(g)?;
@@ -1623,53 +1648,46 @@ pub fn channel_rms_grad(x: &Tensor, gamma: &Tensor, g: &Tensor) -> Result<(Tenso
     let gx_ptr = SendPtr(gx.as_mut_ptr());
     let gg = with_data(&x, |xs| {
         with_data(&g, |gs| {
-            Ok((0..b * t * blocks)
-                .into_par_iter()
-                .fold(
-                    || (vec![0f32; c], vec![0f32; block], vec![0f32; block]),
-                    |(mut gg, mut inv, mut dot), task| {
-                        let pb = task % blocks;
-                        let ti = (task / blocks) % t;
-                        let bi = task / (blocks * t);
-                        let p0 = pb * block;
-                        let n = block.min(hw - p0);
-                        let at = |ci: usize| ((bi * c + ci) * t + ti) * hw + p0;
-                        {
-                            let (inv, dot) = (&mut inv[..n], &mut dot[..n]);
-                            inv.fill(0.0);
-                            dot.fill(0.0);
-                            for ci in 0..c {
-                                add_squares(&xs[at(ci)..at(ci) + n], inv);
-                            }
-                            inv_norms(inv);
-                            for (ci, gm) in gamma_v.iter().enumerate() {
-                                let r = at(ci)..at(ci) + n;
-                                gg[ci] += sqrt_c
-                                    * add_projection(&xs[r.clone()], &gs[r], inv, sqrt_c * gm, dot);
-                            }
-                            for (ci, gm) in gamma_v.iter().enumerate() {
-                                let r = at(ci)..at(ci) + n;
-                                // SAFETY: each (b, c, t, position block) is written by exactly
-                                // one task.
-                                let o = unsafe {
-                                    std::slice::from_raw_parts_mut(gx_ptr.get().add(at(ci)), n)
-                                };
-                                project_out(&xs[r.clone()], &gs[r], inv, dot, sqrt_c * gm, o);
-                            }
+            Ok(ordered_sum(
+                b * t * blocks,
+                c,
+                || (vec![0f32; block], vec![0f32; block]),
+                |gg, (inv, dot), task| {
+                    let pb = task % blocks;
+                    let ti = (task / blocks) % t;
+                    let bi = task / (blocks * t);
+                    let p0 = pb * block;
+                    let n = block.min(hw - p0);
+                    let at = |ci: usize| ((bi * c + ci) * t + ti) * hw + p0;
+                    let (inv, dot) = (&mut inv[..n], &mut dot[..n]);
+                    inv.fill(0.0);
+                    dot.fill(0.0);
+                    for ci in 0..c {
+                        add_squares(&xs[at(ci)..at(ci) + n], inv);
+                    }
+                    inv_norms(inv);
+                    for (ci, gm) in gamma_v.iter().enumerate() {
+                        let r = at(ci)..at(ci) + n;
+                        gg[ci] +=
+                            sqrt_c * add_projection(&xs[r.clone()], &gs[r], inv, sqrt_c * gm, dot);
+                    }
+                    // Where the norm is clamped to 1e-12, it is a constant: no projection term
+                    // (PyTorch's gradient there is inv·h).
+                    for (d, &iv) in dot.iter_mut().zip(inv.iter()) {
+                        if iv >= 1e12 {
+                            *d = 0.0;
                         }
-                        (gg, inv, dot)
-                    },
-                )
-                .map(|(gg, _, _)| gg)
-                .reduce(
-                    || vec![0f32; c],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(&b) {
-                            *x += y;
-                        }
-                        a
-                    },
-                ))
+                    }
+                    for (ci, gm) in gamma_v.iter().enumerate() {
+                        let r = at(ci)..at(ci) + n;
+                        // SAFETY: each (b, c, t, position block) is written by exactly one
+                        // task (see SendPtr).
+                        let o =
+                            unsafe { std::slice::from_raw_parts_mut(gx_ptr.get().add(at(ci)), n) };
+                        project_out(&xs[r.clone()], &gs[r], inv, dot, sqrt_c * gm, o);
+                    }
+                },
+            ))
         })
     })?;
     Ok((

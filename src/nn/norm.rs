@@ -58,7 +58,7 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64)
 /// Wan VAE's `WanRMS_norm` on channel-first tensors: L2-normalise over dim 1
 /// (`F.normalize`, eps 1e-12), times `sqrt(C)` and `gamma` (shape `[C, 1, 1(, 1)]`).
 pub fn channel_rms_norm(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
-    if super::fused::fast_grads(x) && x.rank() == 5 {
+    if super::fused::fast_grads(x) && x.rank() == 5 && gamma.dtype() == DType::F32 {
         // Training on CPU: the fused forward kernel and its one-pass backward (candle's
         // composed graph reduces over the strided channel dim three times in its backward).
         let fast = super::kernels::channel_rms_silu(&x.detach(), &gamma.detach(), false)?;

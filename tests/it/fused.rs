@@ -244,6 +244,8 @@ fn conv3d_training_gradients_match_candle_autograd() {
         (1, 3, 3, 0, 1, 1, 3, 7, 6),
         (3, 1, 1, 2, 0, 0, 4, 5, 5),
         (1, 1, 1, 0, 0, 0, 2, 4, 3),
+        (3, 3, 1, 2, 1, 0, 4, 6, 5),
+        (1, 1, 3, 0, 0, 1, 2, 3, 7),
     ]
     .iter()
     .enumerate()
@@ -297,4 +299,40 @@ fn channel_norm_and_bias_gradients_match_candle_autograd() {
                 .unwrap()
         },
     );
+}
+
+/// `CausalConv3d` in training with a cache of the previous chunk's last frames (how the Wan
+/// decoder streams): gradients reach the input, the cache, the weight and the bias, equal to
+/// candle autograd of the reference convolution over the cache and input frames.
+#[test]
+fn causal_conv3d_training_with_cache_matches_candle_autograd() {
+    for cached in [1, 2] {
+        let inputs = [
+            randn(70, &[2, 3, 3, 5, 6]),
+            randn(71, &[2, 3, cached, 5, 6]),
+            (randn(72, &[4, 3, 3, 3, 3]) * 0.3).unwrap(),
+            randn(73, &[4]),
+        ];
+        let (yf, gf) = grads(&inputs, |v| {
+            let conv = sora::nn::conv3d::CausalConv3d::from_weights(
+                &v[2],
+                Some(v[3].clone()),
+                (1, 1, 1),
+                (1, 1, 1),
+            )
+            .unwrap();
+            conv.forward(&v[0], Some(&v[1])).unwrap()
+        });
+        let (yr, gr) = grads(&inputs, |v| {
+            let xs = Tensor::cat(&[&v[1], &v[0]], 2).unwrap();
+            conv3d_reference(&xs, &v[2], 2 - cached, 1, 1)
+                .broadcast_add(&v[3].reshape((1, 4, 1, 1, 1)).unwrap())
+                .unwrap()
+        });
+        let what = format!("causal conv3d, {cached} cached frames");
+        assert_close(&format!("{what} forward"), &yf, &yr, 2e-5);
+        for (i, name) in ["input", "cache", "weight", "bias"].iter().enumerate() {
+            assert_close(&format!("{what} {name} grad"), &gf[i], &gr[i], 1e-4);
+        }
+    }
 }
