@@ -25,46 +25,53 @@
 #
 #   scripts/train-bundled.sh [DIR]            (SORA_BIN=path/to/sora to skip the build)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-out="${1:-train-out}"
-if [[ -f $out/transformer/diffusion_pytorch_model.safetensors && ! -d $out/work-dit/ckpt
-    && ! -d $out/work-dit-16000 ]]; then
-    echo "$out already holds a model but no DiT training checkpoint (work-dit/ckpt);" \
-        "give an empty or earlier training directory" >&2
-    exit 2
-fi
-# SORA_BIN: a sora binary to run instead of building target/release/sora (so that rebuilding
-# the checkout while the recipe runs cannot change the binary under it).
-if [[ -n ${SORA_BIN:-} ]]; then
-    sora=$SORA_BIN
-else
-    cargo build --release --locked
-    sora=target/release/sora
-fi
-w=(--dit-object-weight 10 --dit-object-dilate 1)
-# Segment markers live in work-dit/, which moves to work-dit-16000/ before segment 4.
-done_segment() { [[ -f $out/work-dit/segment-$1-done || -f $out/work-dit-16000/segment-$1-done ]]; }
-if ! done_segment 7000; then
-    "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}" --decoder-dit-steps 0
-    touch "$out/work-dit/segment-7000-done"
-fi
-for steps in 11000 16000; do
-    if ! done_segment "$steps"; then
-        # The previous segment exported its DiT; remove it (its checkpoint stays in
-        # work-dit/ckpt) so `train all` resumes the DiT instead of returning early.
-        rm -rf "$out/transformer"
-        last=()
-        [[ $steps == 16000 ]] || last=(--decoder-dit-steps 0)
-        "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}" "${last[@]}"
-        touch "$out/work-dit/segment-$steps-done"
+# Bash reads a script while it runs it, so an edit to this file (a checkout update) during the
+# two-hour run would make it execute garbage from the new offsets (session 18 lost a segment to
+# that). The recipe is one function, parsed whole before it starts.
+main() {
+    cd "$(dirname "$0")/.."
+    out="${1:-train-out}"
+    if [[ -f $out/transformer/diffusion_pytorch_model.safetensors && ! -d $out/work-dit/ckpt
+        && ! -d $out/work-dit-16000 ]]; then
+        echo "$out already holds a model but no DiT training checkpoint (work-dit/ckpt);" \
+            "give an empty or earlier training directory" >&2
+        exit 2
     fi
-done
-if ! done_segment text; then
-    [[ -d $out/work-dit-16000 ]] || mv "$out/work-dit" "$out/work-dit-16000"
-    [[ -d $out/transformer-16000 ]] || mv "$out/transformer" "$out/transformer-16000"
-    "$sora" train dit --out "$out" --dit-init "$out/transformer-16000" --dit-lr 3e-4 \
-        --dit-steps 2500 --dit-train-text "${w[@]}"
-    touch "$out/work-dit/segment-text-done"
-fi
-echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
-    "$out/work-* $out/transformer-16000 $out/latents.safetensors $out/captions.json" >&2
+    # SORA_BIN: a sora binary to run instead of building target/release/sora (so that rebuilding
+    # the checkout while the recipe runs cannot change the binary under it).
+    if [[ -n ${SORA_BIN:-} ]]; then
+        sora=$SORA_BIN
+    else
+        cargo build --release --locked
+        sora=target/release/sora
+    fi
+    w=(--dit-object-weight 10 --dit-object-dilate 1)
+    # Segment markers live in work-dit/, which moves to work-dit-16000/ before segment 4.
+    done_segment() { [[ -f $out/work-dit/segment-$1-done || -f $out/work-dit-16000/segment-$1-done ]]; }
+    if ! done_segment 7000; then
+        "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}" --decoder-dit-steps 0
+        touch "$out/work-dit/segment-7000-done"
+    fi
+    for steps in 11000 16000; do
+        if ! done_segment "$steps"; then
+            # The previous segment exported its DiT; remove it (its checkpoint stays in
+            # work-dit/ckpt) so `train all` resumes the DiT instead of returning early.
+            rm -rf "$out/transformer"
+            last=()
+            [[ $steps == 16000 ]] || last=(--decoder-dit-steps 0)
+            "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}" "${last[@]}"
+            touch "$out/work-dit/segment-$steps-done"
+        fi
+    done
+    if ! done_segment text; then
+        [[ -d $out/work-dit-16000 ]] || mv "$out/work-dit" "$out/work-dit-16000"
+        [[ -d $out/transformer-16000 ]] || mv "$out/transformer" "$out/transformer-16000"
+        "$sora" train dit --out "$out" --dit-init "$out/transformer-16000" --dit-lr 3e-4 \
+            --dit-steps 2500 --dit-train-text "${w[@]}"
+        touch "$out/work-dit/segment-text-done"
+    fi
+    echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
+        "$out/work-* $out/transformer-16000 $out/latents.safetensors $out/captions.json" >&2
+}
+main "$@"
+exit
