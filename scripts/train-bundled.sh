@@ -66,8 +66,9 @@ main() {
     if ! done_segment text; then
         [[ -d $out/work-dit-16000 ]] || mv "$out/work-dit" "$out/work-dit-16000"
         [[ -d $out/transformer-16000 ]] || mv "$out/transformer" "$out/transformer-16000"
-        "$sora" train dit --out "$out" --dit-init "$out/transformer-16000" --dit-lr 3e-4 \
-            --dit-steps 2500 --dit-train-text "${w[@]}"
+        "$sora" train dit --out "$out" \
+            --dit-init "$out/transformer-16000/diffusion_pytorch_model.safetensors" \
+            --dit-lr 3e-4 --dit-steps 2500 --dit-train-text "${w[@]}"
         touch "$out/work-dit/segment-text-done"
     fi
     echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
