@@ -18,9 +18,9 @@
 #      three segments' work-dit/ and transformer/ move to *-16000/).
 # Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
 # loss (see weights/README.md), and float rounding depends on the number of batch shards.
-# About 2 h 20 min on 2 cores (session 18's run: VAE, encode and decoder stages 7.7 min;
-# DiT 16,000 x 0.40-0.45 s/step; decoder on the DiT 600 x ~0.75 s/step; DiT with the text
-# encoder 2,500 x ~0.45 s/step).
+# About 2 h 20 min on 2 cores, idle (session 18's run: VAE, encode and decoder stages 7.7 min;
+# DiT 16,000 steps 114 min, 0.40 s/step idle; decoder on the DiT 600 steps 7.2 min; DiT with
+# the text encoder 2,500 x 0.40 s/step).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 #
 #   scripts/train-bundled.sh [DIR]            (SORA_BIN=path/to/sora to skip the build)
