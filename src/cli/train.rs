@@ -108,18 +108,25 @@ pub fn run_train(a: TrainArgs) -> Result<i32> {
         r.dit_lr = lr;
     }
     if let Some(p) = &a.dit_init {
-        let file = if p.is_dir() {
-            p.join("transformer/diffusion_pytorch_model.safetensors")
+        // A model directory, its transformer directory, or the safetensors file itself.
+        let tried = if p.is_dir() {
+            vec![
+                p.join("transformer/diffusion_pytorch_model.safetensors"),
+                p.join("diffusion_pytorch_model.safetensors"),
+            ]
         } else {
-            p.clone()
+            vec![p.clone()]
         };
-        if !file.is_file() {
+        let Some(file) = tried.iter().find(|f| f.is_file()) else {
+            let names: Vec<String> = tried.iter().map(|f| f.display().to_string()).collect();
             anyhow::bail!(
-                "--dit-init {}: no such file (give a model directory or its transformer safetensors)",
-                file.display()
+                "--dit-init {}: no such file ({}); give a model directory, its transformer \
+                 directory or the transformer's safetensors file",
+                p.display(),
+                names.join(" nor ")
             );
-        }
-        r.dit_init = Some(file);
+        };
+        r.dit_init = Some(file.clone());
     }
     if let Some(s) = a.vae_steps {
         r.vae_steps = s;

@@ -732,7 +732,7 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
     let d = tmp("train-bad-weight");
     let out = d.join("run");
     // Each rejected flag, and what its error must quote.
-    let cases: [(&[&str], &str, &str); 10] = [
+    let cases: [(&[&str], &str, &str); 11] = [
         (&["--dit-object-weight=-1"], "--dit-object-weight", "-1"),
         (&["--dit-sigma-shift", "0"], "--dit-sigma-shift", "got 0"),
         (&["--dit-cfg-dropout", "1"], "--dit-cfg-dropout", "got 1"),
@@ -743,6 +743,11 @@ fn train_rejects_bad_dit_overrides_before_touching_the_directory() {
             &["--dit-init", "/no/such/model"],
             "--dit-init",
             "/no/such/model: no such file",
+        ),
+        (
+            &["--dit-init", "/"],
+            "--dit-init",
+            "/transformer/diffusion_pytorch_model.safetensors nor /diffusion_pytorch_model.safetensors",
         ),
         (
             &["--dit-oversample", "red"],
@@ -849,11 +854,16 @@ fn train_dit_init_fine_tunes_from_the_given_weights() {
         .collect();
     let start = d.join("start.safetensors");
     candle_core::safetensors::save(&shifted, &start).unwrap();
-    // One step at a vanishing learning rate: the result is the start (the exported EMA too);
-    // the same run without --dit-init is not.
+    // The same weights as a bare transformer directory (what a training directory's
+    // `transformer/` is).
+    let start_dir = d.join("start-transformer");
+    std::fs::create_dir_all(&start_dir).unwrap();
+    std::fs::copy(&start, start_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    // One step at a vanishing learning rate: the result is the start (the exported EMA too),
+    // given as a file or as a transformer directory; the same run without --dit-init is not.
     let mut runs = Vec::new();
-    for init in [true, false] {
-        let out = d.join(format!("ft-{init}"));
+    for (i, init) in [Some(&start), Some(&start_dir), None].into_iter().enumerate() {
+        let out = d.join(format!("ft-{i}"));
         let mut cmd = sora();
         cmd.args([
             "train",
@@ -867,8 +877,8 @@ fn train_dit_init_fine_tunes_from_the_given_weights() {
             "--clips",
             "24",
         ]);
-        if init {
-            cmd.arg("--dit-init").arg(&start);
+        if let Some(init) = init {
+            cmd.arg("--dit-init").arg(init);
         }
         let (code, _, stderr) = run(cmd.arg("--out").arg(&out));
         assert_eq!(code, 0, "{stderr}");
@@ -888,7 +898,12 @@ fn train_dit_init_fine_tunes_from_the_given_weights() {
         worst(&runs[0])
     );
     assert!(
-        worst(&runs[1]) > 0.2,
+        worst(&runs[1]) < 1e-5,
+        "fine-tune from a transformer directory moved from its start: {}",
+        worst(&runs[1])
+    );
+    assert!(
+        worst(&runs[2]) > 0.2,
         "the run without --dit-init ended at the start weights"
     );
     let r: serde_json::Value =
