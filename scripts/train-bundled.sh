@@ -1,26 +1,18 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled model from nothing into DIR (default: train-out/; copy it to weights/
 # when it is done): trains the VAE, encodes the synthetic dataset, fine-tunes the decoder,
-# trains the DiT and exports a model directory in the `--model DIR` layout.
+# trains the DiT together with the text encoder, fine-tunes the decoder on the DiT's
+# predictions, and exports a model directory in the `--model DIR` layout.
 #
-# It replays v7's DiT's three segments, all with object tokens weighted 11x and the
-# weighted set grown by one latent position (--dit-object-weight 10 --dit-object-dilate 1, the
-# recipe defaults); each later one resumes the previous checkpoint with the cosine schedule
-# recomputed for the new total:
-#   1. 7,000 steps (the recipe's first `train all`);
-#   2. resumed to 11,000 steps (v6);
-#   3. resumed to 16,000 steps (v7),
-# then (session 15) the VAE decoder fine-tuned for 600 steps to draw that DiT's guided
-# predictions as the rendered clips (only after the third segment: the first two skip it with
-# --decoder-dit-steps 0), then (session 16, v9)
-#   4. the 16,000-step DiT fine-tuned 2,500 steps at learning rate 3e-4 together with the text
-#      encoder (--dit-train-text; fresh optimiser and schedule, in work-dit/ after the first
-#      three segments' work-dit/ and transformer/ move to *-16000/).
-# Same recipe, not bit-identical to weights/: the shipped VAE's first 300 steps ran an older
-# loss (see weights/README.md), and float rounding depends on the number of batch shards.
-# About 2 h 20 min on 2 cores, idle (session 18's run: VAE, encode and decoder stages 7.7 min;
-# DiT 16,000 steps 114 min, 0.40 s/step idle; decoder on the DiT 600 steps 7.2 min; DiT with
-# the text encoder 2,500 x 0.40 s/step).
+# One `sora train all`: the DiT 14,000 steps on one cosine schedule, the text encoder training
+# with it from step 0 (--dit-train-text; until v10 it stayed frozen for 16,000 steps and was
+# fine-tuned with the DiT after), object tokens weighted 11x with the weighted set grown by one
+# latent position (--dit-object-weight 10 --dit-object-dilate 1, the recipe defaults), then the
+# VAE decoder fine-tuned 600 steps to draw that DiT's guided predictions as the rendered clips.
+# Runs on another core count differ in the last float bits (one batch shard per core).
+# About 2 hours on 2 cores (session 19: 7,034 s as run, 1 h 57 min: VAE, encode and decoder
+# stages 9 min, the DiT with the text encoder 6,063 s at 0.41-0.455 s/step, the decoder on the
+# DiT 445 s).
 # Interrupt with Ctrl-C at any time; run again with the same DIR to resume.
 #
 #   scripts/train-bundled.sh [DIR]            (SORA_BIN=path/to/sora to skip the build)
@@ -31,8 +23,7 @@ set -euo pipefail
 main() {
     cd "$(dirname "$0")/.."
     out="${1:-train-out}"
-    if [[ -f $out/transformer/diffusion_pytorch_model.safetensors && ! -d $out/work-dit/ckpt
-        && ! -d $out/work-dit-16000 ]]; then
+    if [[ -f $out/transformer/diffusion_pytorch_model.safetensors && ! -d $out/work-dit/ckpt ]]; then
         echo "$out already holds a model but no DiT training checkpoint (work-dit/ckpt);" \
             "give an empty or earlier training directory" >&2
         exit 2
@@ -45,34 +36,10 @@ main() {
         cargo build --release --locked
         sora=target/release/sora
     fi
-    w=(--dit-object-weight 10 --dit-object-dilate 1)
-    # Segment markers live in work-dit/, which moves to work-dit-16000/ before segment 4.
-    done_segment() { [[ -f $out/work-dit/segment-$1-done || -f $out/work-dit-16000/segment-$1-done ]]; }
-    if ! done_segment 7000; then
-        "$sora" train all --out "$out" --dit-steps 7000 "${w[@]}" --decoder-dit-steps 0
-        touch "$out/work-dit/segment-7000-done"
-    fi
-    for steps in 11000 16000; do
-        if ! done_segment "$steps"; then
-            # The previous segment exported its DiT; remove it (its checkpoint stays in
-            # work-dit/ckpt) so `train all` resumes the DiT instead of returning early.
-            rm -rf "$out/transformer"
-            last=()
-            [[ $steps == 16000 ]] || last=(--decoder-dit-steps 0)
-            "$sora" train all --out "$out" --dit-steps "$steps" "${w[@]}" "${last[@]}"
-            touch "$out/work-dit/segment-$steps-done"
-        fi
-    done
-    if ! done_segment text; then
-        [[ -d $out/work-dit-16000 ]] || mv "$out/work-dit" "$out/work-dit-16000"
-        [[ -d $out/transformer-16000 ]] || mv "$out/transformer" "$out/transformer-16000"
-        "$sora" train dit --out "$out" \
-            --dit-init "$out/transformer-16000/diffusion_pytorch_model.safetensors" \
-            --dit-lr 3e-4 --dit-steps 2500 --dit-train-text "${w[@]}"
-        touch "$out/work-dit/segment-text-done"
-    fi
+    "$sora" train all --out "$out" --dit-steps 14000 --dit-train-text \
+        --dit-object-weight 10 --dit-object-dilate 1
     echo "done: $out is a model directory (sora gen --model $out); training files not shipped:" \
-        "$out/work-* $out/transformer-16000 $out/latents.safetensors $out/captions.json" >&2
+        "$out/work-* $out/latents.safetensors $out/captions.json" >&2
 }
 main "$@"
 exit
