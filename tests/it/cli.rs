@@ -858,11 +858,18 @@ fn train_dit_init_fine_tunes_from_the_given_weights() {
     // `transformer/` is).
     let start_dir = d.join("start-transformer");
     std::fs::create_dir_all(&start_dir).unwrap();
-    std::fs::copy(&start, start_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(
+        &start,
+        start_dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     // One step at a vanishing learning rate: the result is the start (the exported EMA too),
     // given as a file or as a transformer directory; the same run without --dit-init is not.
     let mut runs = Vec::new();
-    for (i, init) in [Some(&start), Some(&start_dir), None].into_iter().enumerate() {
+    for (i, init) in [Some(&start), Some(&start_dir), None]
+        .into_iter()
+        .enumerate()
+    {
         let out = d.join(format!("ft-{i}"));
         let mut cmd = sora();
         cmd.args([
